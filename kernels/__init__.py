@@ -1,0 +1,1 @@
+"""Triton kernels of rtkern, each beside its launcher (installed as ``rtkern.kernels``)."""

@@ -1,0 +1,13 @@
+"""rtkern: runtime, fused sampler and trainer for language models with refusal tokens.
+
+    spec = rtkern.RefusalSpec.from_tokenizer(tok, scheme="category")
+    controls = rtkern.RefusalControls.build(B, spec.num_categories, "cuda", thresholds=0.3)
+    out = rtkern.refusal_sample(logits, spec, controls)   # tokens, refusal_probs, refused
+"""
+from .sampler import apply_refusal_, refusal_probs, refusal_sample
+from .spec import (CATEGORIES, MODES, RefusalControls, RefusalSpec, SampleOutput, pack_vocab_mask,
+                   unpack_vocab_mask)
+
+__all__ = ["RefusalSpec", "RefusalControls", "SampleOutput", "refusal_sample", "refusal_probs",
+           "apply_refusal_", "pack_vocab_mask", "unpack_vocab_mask", "CATEGORIES", "MODES"]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Adapters that take the refusal sampler into other runtimes."""

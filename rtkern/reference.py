@@ -1,0 +1,124 @@
+"""Pure-PyTorch reference of the fused refusal sampler (DESIGN.md rules 1-6).
+
+It serves the tests, the benchmarks' baseline and the CPU path. The Triton kernel in
+`rtkern.kernels.refusal_sampler` implements the same function; both draw one uniform per row from
+`row_uniform` and invert the CDF of the allowed tokens in one fixed order: ordinary tokens by id, then
+the control tokens in spec order (refusal 0..C-1, respond). So both give the same token for the same
+(seed, position) up to float rounding at a CDF boundary.
+"""
+from __future__ import annotations
+
+import torch
+
+from .spec import RefusalControls, RefusalSpec, SampleOutput, unpack_vocab_mask
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    # (x * c) mod 2**32 from two 16-bit halves of c, so no int64 product overflows.
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    # "lowbias32" integer finaliser (C. Wellons): full avalanche in two multiplies.
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def row_uniform(seed: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """Uniform float32 in [0, 1), a pure function of (seed, position); int64 [B] inputs."""
+    h = _mix32((seed & _M32) ^ 0x243F6A88)
+    h = _mix32(h ^ ((seed >> 32) & _M32))
+    h = _mix32(h ^ (position & _M32) ^ 0x13198A2E)
+    h = _mix32(h ^ ((position >> 32) & _M32))
+    return (h >> 8).to(torch.float32) * (1.0 / 16777216.0)
+
+
+def refusal_probs_reference(logits: torch.Tensor, spec: RefusalSpec, logit_bias=None,
+                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rule 1: softmax (temperature 1, full vocabulary, bias applied) at the refusal ids, [B, C]."""
+    z = logits.to(dtype)
+    rid = torch.tensor(spec.refusal_ids, device=logits.device)
+    zr = z[:, rid]
+    if logit_bias is not None:
+        zr = zr + logit_bias.to(dtype)
+        # Replace the unbiased refusal entries of the log-normaliser by the biased ones.
+        rest = z.index_fill(1, rid, float("-inf"))
+        lse = torch.logaddexp(torch.logsumexp(rest, 1), torch.logsumexp(zr, 1))
+    else:
+        lse = torch.logsumexp(z, 1)
+    bad = _bad_rows(z)
+    p = torch.exp(zr - lse[:, None])
+    return torch.where(bad[:, None], torch.full_like(p, float("nan")), p).float()
+
+
+def _bad_rows(z: torch.Tensor) -> torch.Tensor:
+    return (torch.isnan(z) | (z == float("inf"))).any(1) | (z == float("-inf")).all(1)
+
+
+def decide(probs: torch.Tensor, controls: RefusalControls, has_respond: bool):
+    """Rule 2 decisions from [B, C] probabilities: (refuse [B] bool, category [B] int64, forced_respond [B])."""
+    thr = controls.thresholds.to(probs.dtype)
+    passing = probs >= thr
+    cat_best = torch.where(passing, probs, torch.full_like(probs, -1.0)).argmax(1)
+    sum_refuse = probs.sum(1) >= thr[:, 0]
+    mode, first = controls.mode, controls.first_step
+    refuse = first & (((mode == 0) & passing.any(1)) | ((mode == 1) & sum_refuse))
+    best = torch.where(mode == 0, cat_best, probs.argmax(1))
+    respond = first & (mode != 2) & ~refuse & has_respond
+    return refuse, best, respond
+
+
+def sample_reference(logits: torch.Tensor, spec: RefusalSpec, controls: RefusalControls,
+                     dtype: torch.dtype = torch.float32) -> SampleOutput:
+    """Reference `refusal_sample`; ``dtype`` is the compute precision (float64 for ground truth)."""
+    B, V = logits.shape
+    dev = logits.device
+    z = logits.to(dtype)
+    probs = refusal_probs_reference(logits, spec, controls.logit_bias, dtype)
+    rid = torch.tensor(spec.refusal_ids, device=dev)
+    ctl = torch.tensor(spec.control_ids, device=dev)
+    refuse, best, respond = decide(probs.to(dtype), controls, spec.respond_id is not None)
+    include_ctl = controls.first_step & (controls.mode == 2)
+
+    # Candidates in CDF order: ordinary tokens by id, then controls in spec order.
+    ordinary = torch.ones(V, dtype=torch.bool, device=dev)
+    ordinary[ctl] = False
+    order = torch.cat([torch.arange(V, device=dev)[ordinary], ctl])
+    zb = z.clone()
+    zb[:, rid] += controls.logit_bias.to(dtype)
+    zz = zb[:, order]
+    allowed_ord = torch.ones(B, V, dtype=torch.bool, device=dev) if controls.vocab_mask is None \
+        else unpack_vocab_mask(controls.vocab_mask, V)
+    allowed = torch.cat([allowed_ord[:, ordinary], include_ctl[:, None].expand(B, len(ctl))], 1)
+
+    neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=dev)
+    cand = torch.where(allowed, zz, neg_inf)
+    top = cand.max(1).values
+    big = torch.tensor(V, device=dev)
+    greedy_tok = torch.where(allowed & (cand == top[:, None]), order, big).min(1).values
+
+    t = controls.temperature
+    inv_t = torch.where(t > 0, 1.0 / torch.where(t > 0, t, 1.0), 1.0).to(torch.float32).to(dtype)
+    top_safe = torch.where(top == float("-inf"), 0.0, top)
+    w = torch.where(allowed, torch.exp(zz * inv_t[:, None] - (top_safe * inv_t)[:, None]), 0.0)
+    cum = torch.cumsum(w, 1)
+    target = row_uniform(controls.seed, controls.position).to(dtype) * cum[:, -1]
+    j = torch.searchsorted(cum, target[:, None].contiguous(), right=True)[:, 0]
+    last_pos = torch.where(w > 0, torch.arange(w.shape[1], device=dev), -1).max(1).values
+    j = torch.where(j >= w.shape[1], last_pos, j).clamp_min(0)
+    sampled = order[j]
+
+    forced = torch.where(refuse, rid[best], torch.where(respond, spec.respond_id or 0, -1))
+    tok = torch.where(forced >= 0, forced, torch.where(t > 0, sampled, greedy_tok))
+    invalid = _bad_rows(z) | ((forced < 0) & (top == float("-inf")))
+    drawn_cat = (tok[:, None] == rid[None, :]).int().argmax(1)
+    drew_refusal = include_ctl & (tok[:, None] == rid[None, :]).any(1)
+    refused = torch.where(refuse, best, torch.where(drew_refusal, drawn_cat, -1))
+    tokens = torch.where(invalid, -1, tok).to(torch.int64)
+    refused = torch.where(invalid, -2, refused).to(torch.int32)
+    return SampleOutput(tokens, probs, refused)

@@ -1,0 +1,187 @@
+"""Public sampler API: `refusal_sample`, `refusal_probs`, `apply_refusal_` (DESIGN.md, fused sampler).
+
+Checks here read only shapes, dtypes and devices, so a call never waits on the device and can be
+captured in a CUDA graph; value checks live in `RefusalControls.build`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .kernels.refusal_sampler import interpreter_enabled, refusal_sample_launch
+from .reference import _bad_rows, decide, refusal_probs_reference, sample_reference
+from .spec import RefusalControls, RefusalSpec, SampleOutput, unpack_vocab_mask
+
+_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_TRITON_VOCAB = 1 << 24  # tile argmax ids travel as exact float32
+
+
+def _check(logits, spec, controls, out, backend) -> str:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [B, V], got shape {list(logits.shape)}")
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    B, V = logits.shape
+    if B == 0 or V == 0:
+        raise ValueError(f"logits must be non-empty, got shape {list(logits.shape)}")
+    if logits.stride(1) != 1:
+        raise ValueError(f"logits must be contiguous in the vocabulary dim, got strides {list(logits.stride())}")
+    if not isinstance(spec, RefusalSpec):
+        raise TypeError(f"spec must be a RefusalSpec, got {type(spec).__name__}")
+    spec.check_vocab(V)
+    if controls is not None:
+        if not isinstance(controls, RefusalControls):
+            raise TypeError(f"controls must be RefusalControls, got {type(controls).__name__}")
+        controls.check(B, spec.num_categories, V, logits.device)
+    if out is not None:
+        _check_out(out, B, spec.num_categories, logits.device)
+    if backend is None:
+        return "triton" if logits.is_cuda else "torch"
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    if backend == "triton":
+        if not logits.is_cuda and not interpreter_enabled():
+            raise ValueError(f"backend='triton' needs a CUDA tensor or TRITON_INTERPRET=1, got logits on {logits.device}")
+        if V >= _MAX_TRITON_VOCAB:
+            raise ValueError(f"the Triton sampler supports V < {_MAX_TRITON_VOCAB}, got V={V}")
+    return backend
+
+
+def _check_out(out, B, C, device) -> None:
+    if not isinstance(out, SampleOutput):
+        raise TypeError(f"out must be a SampleOutput, got {type(out).__name__}")
+    for name, shape, dtype in (("tokens", (B,), torch.int64), ("refusal_probs", (B, C), torch.float32),
+                               ("refused", (B,), torch.int32)):
+        t = getattr(out, name)
+        if tuple(t.shape) != shape or t.dtype != dtype or t.device != device or not t.is_contiguous():
+            raise ValueError(f"out.{name} must be a contiguous {dtype} tensor of shape {list(shape)} on "
+                             f"{device}, got {t.dtype} {list(t.shape)} on {t.device}")
+
+
+def _launch(logits, spec, controls, out, decide_only):
+    args = (logits, spec.ids_tensor(logits.device), spec.num_categories, controls.thresholds,
+            controls.logit_bias, controls.mode, controls.temperature, controls.first_step, controls.seed,
+            controls.position, controls.vocab_mask, out.tokens, out.refusal_probs, out.refused, decide_only)
+    if torch.compiler.is_compiling():
+        torch.ops.rtkern.refusal_sample(*args)
+    else:
+        refusal_sample_launch(*args)  # skip custom-op dispatch in eager: it costs more than the kernel
+
+
+def refusal_sample(logits: torch.Tensor, spec: RefusalSpec, controls: RefusalControls, *,
+                   out: Optional[SampleOutput] = None, backend: Optional[str] = None) -> SampleOutput:
+    """Refusal decision and next-token sample in one pass over the logits.
+
+    Parameters
+    ----------
+    logits : float32 | bfloat16 | float16 [B, V]
+        Last dim contiguous; any row stride.
+    spec : RefusalSpec
+        The model's refusal token ids (C of them) and optional ``[respond]`` id.
+    controls : RefusalControls
+        Per-row thresholds ``[B, C]``, logit_bias ``[B, C]``, mode, temperature, first_step, seed,
+        position ``[B]`` and optional vocab_mask ``[B, ceil(V/32)]``, on the logits' device.
+    out : SampleOutput, optional
+        Preallocated outputs (for CUDA graphs).
+    backend : {"triton", "torch", None}
+        None picks Triton on CUDA and the PyTorch reference elsewhere.
+
+    Returns
+    -------
+    SampleOutput
+        ``tokens`` int64 [B], ``refusal_probs`` float32 [B, C], ``refused`` int32 [B]
+        (category, -1 none, -2 invalid row).
+    """
+    backend = _check(logits, spec, controls, out, backend)
+    if backend == "torch":
+        res = sample_reference(logits, spec, controls)
+        return _into(res, out)
+    out = out if out is not None else SampleOutput.empty(logits.shape[0], spec.num_categories, logits.device)
+    _launch(logits, spec, controls, out, decide_only=False)
+    return out
+
+
+def _into(res: SampleOutput, out: Optional[SampleOutput]) -> SampleOutput:
+    if out is None:
+        return res
+    for dst, src in zip(out, res):
+        dst.copy_(src)
+    return out
+
+
+def _neutral_controls(B: int, C: int, device, logit_bias: Optional[torch.Tensor]) -> RefusalControls:
+    # Built without value checks (which would sync); only probabilities are read from it.
+    zeros = torch.zeros(B, dtype=torch.int64, device=device)
+    bias = torch.zeros(B, C, dtype=torch.float32, device=device) if logit_bias is None else logit_bias
+    return RefusalControls(thresholds=torch.full((B, C), 2.0, device=device), logit_bias=bias,
+                           mode=zeros.to(torch.int32), temperature=torch.ones(B, device=device),
+                           first_step=zeros.bool(), seed=zeros, position=zeros)
+
+
+def refusal_probs(logits: torch.Tensor, spec: RefusalSpec, *, logit_bias: Optional[torch.Tensor] = None,
+                  backend: Optional[str] = None) -> torch.Tensor:
+    """Scoring only: softmax probability (temperature 1, full vocabulary) of each refusal token.
+
+    logits : [B, V] float; logit_bias : optional float32 [B, C]. Returns float32 [B, C]
+    (NaN on rows with NaN/+inf logits or all -inf).
+    """
+    backend = _check(logits, spec, None, None, backend)
+    B, C = logits.shape[0], spec.num_categories
+    if logit_bias is not None and (logit_bias.shape != (B, C) or logit_bias.dtype != torch.float32
+                                   or logit_bias.device != logits.device):
+        raise ValueError(f"logit_bias must be float32 [{B}, {C}] on {logits.device}, got "
+                         f"{logit_bias.dtype} {list(logit_bias.shape)} on {logit_bias.device}")
+    if backend == "torch":
+        return refusal_probs_reference(logits, spec, logit_bias)
+    out = SampleOutput.empty(B, C, logits.device)
+    _launch(logits, spec, _neutral_controls(B, C, logits.device, logit_bias), out, decide_only=True)
+    return out.refusal_probs
+
+
+def _decide_torch(logits, spec, controls) -> SampleOutput:
+    probs = refusal_probs_reference(logits, spec, controls.logit_bias)
+    refuse, best, respond = decide(probs, controls, spec.respond_id is not None)
+    rid = torch.tensor(spec.refusal_ids, device=logits.device)
+    tok = torch.where(refuse, rid[best], torch.where(respond, spec.respond_id or 0, -1))
+    bad = _bad_rows(logits.float())
+    return SampleOutput(torch.where(bad, -1, tok).long(), probs,
+                        torch.where(bad, -2, torch.where(refuse, best, -1)).int())
+
+
+def apply_refusal_(logits: torch.Tensor, spec: RefusalSpec, controls: RefusalControls, *,
+                   backend: Optional[str] = None) -> SampleOutput:
+    """Rewrite ``logits`` in place so that any downstream sampler takes the refusal decision.
+
+    First-step rows that refuse (or answer with ``[respond]``) become one-hot: the forced token 0,
+    everything else -inf. Other rows get every control token set to -inf, except first-step ``free``
+    rows, whose refusal logits only receive ``logit_bias``. Disallowed tokens of ``vocab_mask`` become
+    -inf. Rows that are invalid (NaN/+inf logits) are reported with ``refused = -2``.
+
+    Returns a SampleOutput whose ``tokens`` hold the forced token or -1 (sample downstream).
+    """
+    backend = _check(logits, spec, controls, None, backend)
+    B, V = logits.shape
+    if backend == "torch":
+        res = _decide_torch(logits, spec, controls)
+    else:
+        res = SampleOutput.empty(B, spec.num_categories, logits.device)
+        _launch(logits, spec, controls, res, decide_only=True)
+    ids = spec.ids_tensor(logits.device).long()
+    rid = ids[: spec.num_categories]
+    forced = res.tokens >= 0
+    free_first = controls.first_step & (controls.mode == 2)
+    neg = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+    cur = logits[:, rid]
+    logits[:, rid] = torch.where(free_first[:, None], (cur.float() + controls.logit_bias).to(logits.dtype), cur)
+    if controls.vocab_mask is not None:
+        allowed = unpack_vocab_mask(controls.vocab_mask, V)
+        allowed[:, ids] = True  # control tokens are governed by the refusal rules only
+        logits.masked_fill_(~allowed, neg)
+    logits[:, ids] = torch.where(free_first[:, None], logits[:, ids], neg)
+    logits.masked_fill_(forced[:, None], neg)
+    logits.scatter_(1, res.tokens.clamp_min(0)[:, None],
+                    torch.where(forced[:, None], torch.zeros_like(neg), logits.gather(1, res.tokens.clamp_min(0)[:, None])))
+    return res

@@ -1,0 +1,343 @@
+"""Model-level refusal-token facts (`RefusalSpec`) and per-row sampler controls (`RefusalControls`).
+
+Value checks (NaN thresholds, negative temperatures, ...) happen here, when controls are built or
+updated, because they need the values; `refusal_sample` itself checks only shapes, dtypes and devices so
+that it never synchronises with the device and stays capturable in a CUDA graph.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+
+CATEGORIES = (
+    "Humanizing requests",
+    "Incomplete requests",
+    "Indeterminate requests",
+    "Requests with safety concerns",
+    "Unsupported requests",
+)
+REFUSE_TOKEN = "[refuse]"
+RESPOND_TOKEN = "[respond]"
+MODES = {"category": 0, "sum": 1, "free": 2}
+
+Scalarish = Union[float, int, bool, Sequence, torch.Tensor]
+
+
+def control_token_strings(scheme: str) -> tuple[list[str], list[str]]:
+    """Token strings and names of the refusal tokens of a scheme (``"single"`` or ``"category"``)."""
+    if scheme == "single":
+        return [REFUSE_TOKEN], ["refuse"]
+    if scheme == "category":
+        return [f"[{c}]" for c in CATEGORIES], list(CATEGORIES)
+    raise ValueError(f"scheme must be 'single' or 'category', got {scheme!r}")
+
+
+@dataclass(frozen=True)
+class RefusalSpec:
+    """The refusal control tokens of a model.
+
+    Parameters
+    ----------
+    refusal_ids : sequence of int, length C >= 1
+        Vocabulary ids of the refusal tokens, in category order.
+    respond_id : int, optional
+        Id of ``[respond]``; None when the model has no such token.
+    names : sequence of str, optional
+        Category names (default ``"refuse"`` for C=1, else ``"category_<c>"``).
+    """
+
+    refusal_ids: tuple[int, ...]
+    respond_id: Optional[int] = None
+    names: tuple[str, ...] = ()
+    _device_ids: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+
+    def __init__(self, refusal_ids: Sequence[int], respond_id: Optional[int] = None,
+                 names: Optional[Sequence[str]] = None):
+        ids = tuple(refusal_ids) if not isinstance(refusal_ids, int) else (refusal_ids,)
+        if len(ids) == 0:
+            raise ValueError("refusal_ids must name at least one token, got an empty sequence")
+        for i in ids + ((respond_id,) if respond_id is not None else ()):
+            if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+                raise TypeError(f"token ids must be non-negative ints, got {i!r}")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"refusal_ids must be distinct, got {list(ids)}")
+        if respond_id is not None and respond_id in ids:
+            raise ValueError(f"respond_id {respond_id} is also a refusal id in {list(ids)}")
+        if names is None:
+            names = ("refuse",) if len(ids) == 1 else tuple(f"category_{c}" for c in range(len(ids)))
+        if len(names) != len(ids):
+            raise ValueError(f"expected {len(ids)} names (one per refusal id), got {len(names)}")
+        object.__setattr__(self, "refusal_ids", ids)
+        object.__setattr__(self, "respond_id", respond_id)
+        object.__setattr__(self, "names", tuple(str(n) for n in names))
+        object.__setattr__(self, "_device_ids", {})
+
+    @property
+    def num_categories(self) -> int:
+        return len(self.refusal_ids)
+
+    @property
+    def control_ids(self) -> tuple[int, ...]:
+        """Refusal ids followed by the respond id (if any): every token the sampler governs."""
+        return self.refusal_ids + (() if self.respond_id is None else (self.respond_id,))
+
+    def ids_tensor(self, device: torch.device) -> torch.Tensor:
+        """``control_ids`` as an int32 tensor on ``device``, cached (build it before CUDA-graph capture)."""
+        key = str(torch.device(device))
+        t = self._device_ids.get(key)
+        if t is None:
+            t = torch.tensor(self.control_ids, dtype=torch.int32, device=device)
+            self._device_ids[key] = t
+        return t
+
+    def check_vocab(self, vocab_size: int) -> None:
+        bad = [i for i in self.control_ids if i >= vocab_size]
+        if bad:
+            raise ValueError(f"control token ids {bad} are out of range for a vocabulary of {vocab_size}")
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, scheme: str = "single", *, require_respond: bool = False) -> "RefusalSpec":
+        """Find the control tokens in a tokenizer's vocabulary by their strings.
+
+        Accepts our own special tokens (``"[refuse]"``) and the paper authors' checkpoints, where the
+        tokens are ordinary vocabulary entries written with a leading space (``" [refuse]"``, stored as
+        ``"Ġ[refuse]"`` or ``"▁[refuse]"`` depending on the tokenizer).
+        """
+        strings, names = control_token_strings(scheme)
+        vocab = tokenizer.get_vocab()
+
+        def find(s: str) -> Optional[int]:
+            for cand in (s, " " + s, "\u0120" + s, "\u2581" + s):
+                if cand in vocab:
+                    return int(vocab[cand])
+            return None
+
+        ids = [find(s) for s in strings]
+        missing = [s for s, i in zip(strings, ids) if i is None]
+        if missing:
+            raise ValueError(f"tokenizer has no control tokens {missing} for scheme {scheme!r} "
+                             f"(tried each with and without a leading space)")
+        respond = find(RESPOND_TOKEN)
+        if require_respond and respond is None:
+            raise ValueError(f"tokenizer has no {RESPOND_TOKEN!r} token")
+        return cls(ids, respond, names)
+
+
+class SampleOutput(NamedTuple):
+    """Result of `refusal_sample`.
+
+    tokens : int64 [B]  next token per row; -1 on an invalid row.
+    refusal_probs : float32 [B, C]  softmax probability (temperature 1, before masking) of each refusal
+        token; NaN on rows whose logits hold NaN/+inf or are all -inf.
+    refused : int32 [B]  refusal category index, -1 when not refusing, -2 on an invalid row.
+    """
+
+    tokens: torch.Tensor
+    refusal_probs: torch.Tensor
+    refused: torch.Tensor
+
+    @staticmethod
+    def empty(batch: int, num_categories: int, device) -> "SampleOutput":
+        return SampleOutput(torch.empty(batch, dtype=torch.int64, device=device),
+                            torch.empty(batch, num_categories, dtype=torch.float32, device=device),
+                            torch.empty(batch, dtype=torch.int32, device=device))
+
+
+def _as_tensor(name: str, value, dtype: torch.dtype, device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() and not dtype.is_floating_point:
+            raise TypeError(f"{name} must hold integers, got a {value.dtype} tensor")
+        if value.dtype == torch.bool and dtype != torch.bool:
+            raise TypeError(f"{name} must be numeric, got a bool tensor")
+        return value.detach().to(device=device, dtype=dtype)
+    if isinstance(value, (list, tuple)):
+        return torch.tensor(value, dtype=dtype, device=device)
+    if isinstance(value, (bool, int, float)):
+        if isinstance(value, float) and not dtype.is_floating_point:
+            raise TypeError(f"{name} must be an int, got {value!r}")
+        return torch.tensor(value, dtype=dtype, device=device)
+    raise TypeError(f"{name} must be a scalar, a sequence or a tensor, got {type(value).__name__}")
+
+
+def _per_row(name, value, batch, dtype, device) -> torch.Tensor:
+    t = _as_tensor(name, value, dtype, device)
+    if t.dim() == 0:
+        return t.expand(batch).contiguous()
+    if t.shape != (batch,):
+        raise ValueError(f"{name} must be a scalar or a [{batch}] tensor, got shape {list(t.shape)}")
+    return t.contiguous()
+
+
+def _per_category(name, value, batch, num_categories, device) -> torch.Tensor:
+    t = _as_tensor(name, value, torch.float32, device)
+    if t.dim() == 0:
+        t = t.expand(batch, num_categories)
+    elif t.shape == (num_categories,):
+        t = t.expand(batch, num_categories)
+    elif t.shape != (batch, num_categories):
+        raise ValueError(f"{name} must be a scalar, a [{num_categories}] or a [{batch}, {num_categories}] "
+                         f"tensor, got shape {list(t.shape)}")
+    return t.contiguous()
+
+
+def _modes(value, batch, device) -> torch.Tensor:
+    if isinstance(value, str):
+        value = [value] * batch
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
+        unknown = [m for m in value if m not in MODES]
+        if unknown:
+            raise ValueError(f"mode must be one of {list(MODES)}, got {unknown[0]!r}")
+        value = [MODES[m] for m in value]
+    t = _per_row("mode", value, batch, torch.int32, device)
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) > 2):
+        raise ValueError(f"mode codes must be 0 (category), 1 (sum) or 2 (free), got {t.tolist()}")
+    return t
+
+
+def _check_values(thresholds, logit_bias, temperature) -> None:
+    if torch.isnan(thresholds).any() or (thresholds < 0).any():
+        raise ValueError(f"thresholds must be >= 0 and not NaN (above 1 switches a category off), "
+                         f"got {thresholds.flatten()[:8].tolist()}")
+    if not torch.isfinite(logit_bias).all():
+        raise ValueError(f"logit_bias must be finite, got {logit_bias.flatten()[:8].tolist()}")
+    if not torch.isfinite(temperature).all() or (temperature < 0).any():
+        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature.tolist()[:8]}")
+
+
+@dataclass
+class RefusalControls:
+    """Per-row sampler controls, all tensors on the logits' device.
+
+    thresholds : float32 [B, C]    refusal threshold per category (``sum`` mode reads column 0)
+    logit_bias : float32 [B, C]    added to each refusal token's logit before everything else
+    mode : int32 [B]               0 ``category``, 1 ``sum``, 2 ``free`` (see DESIGN.md)
+    temperature : float32 [B]      0 = greedy
+    first_step : bool [B]          True on the first generated position (the refusal decision)
+    seed, position : int64 [B]     randomness key; the same (seed, position) gives the same draw
+    vocab_mask : int32 [B, ceil(V/32)] or None   bit i of word w allows token 32*w + i
+
+    Update the tensors in place (``update_``) to reuse them across CUDA-graph replays.
+    """
+
+    thresholds: torch.Tensor
+    logit_bias: torch.Tensor
+    mode: torch.Tensor
+    temperature: torch.Tensor
+    first_step: torch.Tensor
+    seed: torch.Tensor
+    position: torch.Tensor
+    vocab_mask: Optional[torch.Tensor] = None
+
+    @property
+    def batch(self) -> int:
+        return self.mode.shape[0]
+
+    @property
+    def num_categories(self) -> int:
+        return self.thresholds.shape[1]
+
+    @classmethod
+    def build(cls, batch: int, num_categories: int, device=None, *, thresholds: Scalarish = 0.5,
+              logit_bias: Scalarish = 0.0, mode: Union[str, Sequence[str], torch.Tensor] = "category",
+              temperature: Scalarish = 1.0, first_step: Scalarish = True, seed: Scalarish = 0,
+              position: Scalarish = 0, vocab_mask: Optional[torch.Tensor] = None) -> "RefusalControls":
+        """Build controls for ``batch`` rows and ``num_categories`` refusal tokens.
+
+        Each argument is a scalar (broadcast), a per-row ``[B]`` tensor/list, or for ``thresholds`` and
+        ``logit_bias`` also a per-category ``[C]`` or full ``[B, C]`` tensor (a length-C 1-D input is
+        per-category). Raises ValueError/TypeError on bad shapes or values.
+        """
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        if isinstance(num_categories, bool) or not isinstance(num_categories, int) or num_categories < 1:
+            raise ValueError(f"num_categories must be a positive int, got {num_categories!r}")
+        device = torch.device(device if device is not None else "cpu")
+        c = cls(
+            thresholds=_per_category("thresholds", thresholds, batch, num_categories, device),
+            logit_bias=_per_category("logit_bias", logit_bias, batch, num_categories, device),
+            mode=_modes(mode, batch, device),
+            temperature=_per_row("temperature", temperature, batch, torch.float32, device),
+            first_step=_per_row("first_step", first_step, batch, torch.bool, device),
+            seed=_per_row("seed", seed, batch, torch.int64, device),
+            position=_per_row("position", position, batch, torch.int64, device),
+            vocab_mask=None,
+        )
+        _check_values(c.thresholds, c.logit_bias, c.temperature)
+        if vocab_mask is not None:
+            c.vocab_mask = _check_mask(vocab_mask, batch, device)
+        return c
+
+    def update_(self, **values) -> "RefusalControls":
+        """Copy new values into the existing tensors (same shapes, no reallocation; CUDA-graph safe)."""
+        fresh = RefusalControls.build(self.batch, self.num_categories, self.mode.device, **{
+            k: (getattr(self, k) if k not in values else values[k])
+            for k in ("thresholds", "logit_bias", "mode", "temperature", "first_step", "seed", "position")})
+        for k in values:
+            if k == "vocab_mask":
+                if self.vocab_mask is None or values[k] is None:
+                    raise ValueError("vocab_mask can be updated in place only when both old and new are tensors")
+                self.vocab_mask.copy_(_check_mask(values[k], self.batch, self.mode.device))
+            elif k in fresh.__dict__:
+                getattr(self, k).copy_(getattr(fresh, k))
+            else:
+                raise TypeError(f"unknown control {k!r}")
+        return self
+
+    def check(self, batch: int, num_categories: int, vocab_size: int, device: torch.device) -> None:
+        """Shape/dtype/device checks against a logits tensor (no value checks: no device sync)."""
+        expect = {"thresholds": ((batch, num_categories), torch.float32),
+                  "logit_bias": ((batch, num_categories), torch.float32),
+                  "mode": ((batch,), torch.int32), "temperature": ((batch,), torch.float32),
+                  "first_step": ((batch,), torch.bool), "seed": ((batch,), torch.int64),
+                  "position": ((batch,), torch.int64)}
+        if self.vocab_mask is not None:
+            expect["vocab_mask"] = ((batch, (vocab_size + 31) // 32), torch.int32)
+        for name, (shape, dtype) in expect.items():
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"controls.{name} must be a tensor, got {type(t).__name__}")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"controls.{name} must have shape {list(shape)}, got {list(t.shape)}")
+            if t.dtype != dtype:
+                raise TypeError(f"controls.{name} must be {dtype}, got {t.dtype}")
+            if t.device != device:
+                raise ValueError(f"controls.{name} is on {t.device}, logits on {device}")
+            if t.stride(-1) != 1:
+                raise ValueError(f"controls.{name} must be contiguous in its last dim")
+
+
+def _check_mask(mask, batch: int, device) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"vocab_mask must be an int32 tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.int32:
+        raise TypeError(f"vocab_mask must be int32 (32 tokens per word), got {mask.dtype}")
+    if mask.dim() == 1:
+        mask = mask.expand(batch, -1)
+    if mask.dim() != 2 or mask.shape[0] != batch:
+        raise ValueError(f"vocab_mask must be [{batch}, ceil(V/32)], got {list(mask.shape)}")
+    return mask.to(device).contiguous()
+
+
+def pack_vocab_mask(allowed: torch.Tensor) -> torch.Tensor:
+    """Pack a bool ``[B, V]`` allowed-token matrix into the int32 ``[B, ceil(V/32)]`` bitmask layout."""
+    if allowed.dtype != torch.bool or allowed.dim() != 2:
+        raise TypeError(f"allowed must be a bool [B, V] tensor, got {allowed.dtype} {list(allowed.shape)}")
+    b, v = allowed.shape
+    words = math.ceil(v / 32)
+    padded = torch.zeros(b, words * 32, dtype=torch.int64, device=allowed.device)
+    padded[:, :v] = allowed.to(torch.int64)
+    weights = torch.bitwise_left_shift(torch.ones(32, dtype=torch.int64, device=allowed.device),
+                                       torch.arange(32, device=allowed.device))
+    packed = (padded.view(b, words, 32) * weights).sum(-1)
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed)
+    return packed.to(torch.int32)
+
+
+def unpack_vocab_mask(mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Inverse of `pack_vocab_mask`: bool ``[B, V]``."""
+    idx = torch.arange(vocab_size, device=mask.device)
+    words = mask.to(torch.int64)[:, idx // 32]
+    return ((words >> (idx % 32)) & 1).bool()

@@ -1,0 +1,1 @@
+"""Plain-PyTorch SFT trainer for refusal-token models (installed as ``rtkern.train``)."""
