@@ -4,6 +4,13 @@
     controls = rtkern.RefusalControls.build(B, spec.num_categories, "cuda", thresholds=0.3)
     out = rtkern.refusal_sample(logits, spec, controls)   # tokens, refusal_probs, refused
 """
+from pathlib import Path as _Path
+
+# In a source checkout kernels/, train/ and bench/ sit beside rtkern/ (setup.py maps them to
+# rtkern.*); let `python -m rtkern.cli` work from the checkout even before `pip install -e .`.
+if (_Path(__file__).resolve().parent.parent / "kernels" / "refusal_sampler.py").is_file():
+    __path__.append(str(_Path(__file__).resolve().parent.parent))
+
 from .sampler import apply_refusal_, refusal_probs, refusal_sample
 from .spec import (CATEGORIES, MODES, RefusalControls, RefusalSpec, SampleOutput, pack_vocab_mask,
                    unpack_vocab_mask)

@@ -164,23 +164,22 @@ def _as_tensor(name: str, value, dtype: torch.dtype, device) -> torch.Tensor:
 
 def _per_row(name, value, batch, dtype, device) -> torch.Tensor:
     t = _as_tensor(name, value, dtype, device)
-    if t.dim() == 0:
-        return t.expand(batch).contiguous()
-    if t.shape != (batch,):
+    if t.dim() != 0 and t.shape != (batch,):
         raise ValueError(f"{name} must be a scalar or a [{batch}] tensor, got shape {list(t.shape)}")
-    return t.contiguous()
+    return _owned(t, (batch,))
 
 
 def _per_category(name, value, batch, num_categories, device) -> torch.Tensor:
     t = _as_tensor(name, value, torch.float32, device)
-    if t.dim() == 0:
-        t = t.expand(batch, num_categories)
-    elif t.shape == (num_categories,):
-        t = t.expand(batch, num_categories)
-    elif t.shape != (batch, num_categories):
+    if t.dim() != 0 and t.shape not in ((num_categories,), (batch, num_categories)):
         raise ValueError(f"{name} must be a scalar, a [{num_categories}] or a [{batch}, {num_categories}] "
                          f"tensor, got shape {list(t.shape)}")
-    return t.contiguous()
+    return _owned(t, (batch, num_categories))
+
+
+def _owned(t: torch.Tensor, shape) -> torch.Tensor:
+    # A fresh dense buffer: broadcast views (stride 0) would alias the caller's tensor under update_().
+    return torch.empty(shape, dtype=t.dtype, device=t.device).copy_(t)
 
 
 def _modes(value, batch, device) -> torch.Tensor:
@@ -305,7 +304,7 @@ class RefusalControls:
                 raise TypeError(f"controls.{name} must be {dtype}, got {t.dtype}")
             if t.device != device:
                 raise ValueError(f"controls.{name} is on {t.device}, logits on {device}")
-            if t.stride(-1) != 1:
+            if t.shape[-1] > 1 and t.stride(-1) != 1:
                 raise ValueError(f"controls.{name} must be contiguous in its last dim")
 
 
@@ -318,7 +317,7 @@ def _check_mask(mask, batch: int, device) -> torch.Tensor:
         mask = mask.expand(batch, -1)
     if mask.dim() != 2 or mask.shape[0] != batch:
         raise ValueError(f"vocab_mask must be [{batch}, ceil(V/32)], got {list(mask.shape)}")
-    return mask.to(device).contiguous()
+    return _owned(mask.to(device), tuple(mask.shape))
 
 
 def pack_vocab_mask(allowed: torch.Tensor) -> torch.Tensor:

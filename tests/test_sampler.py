@@ -1,0 +1,329 @@
+"""Fused refusal sampler: Triton kernel vs the PyTorch reference, semantics, statistics, invariance."""
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICE, ON_GPU
+from rtkern import RefusalControls, RefusalSpec, SampleOutput, pack_vocab_mask, refusal_sample
+from rtkern.kernels.refusal_sampler import refusal_sample_launch
+from rtkern.reference import row_uniform, sample_reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# On the CPU the interpreter runs every program in Python: keep the big shapes for the GPU.
+SHAPES = [(1, 111), (3, 1000), (64, 1000), (3, 49158), (257, 111)]
+SHAPES_GPU = [(64, 32000), (257, 49158), (1, 128256), (64, 128256)]
+
+
+def kernel(logits, spec, controls, block=None, splits=None) -> SampleOutput:
+    out = SampleOutput.empty(logits.shape[0], spec.num_categories, logits.device)
+    refusal_sample_launch(logits, spec.ids_tensor(logits.device), spec.num_categories, controls.thresholds,
+                          controls.logit_bias, controls.mode, controls.temperature, controls.first_step,
+                          controls.seed, controls.position, controls.vocab_mask, out.tokens,
+                          out.refusal_probs, out.refused, False, block, splits)
+    return out
+
+
+def make_spec(V, C, respond, gen):
+    ids = torch.randperm(V, generator=gen)[: C + 1].tolist()
+    return RefusalSpec(ids[:C], ids[C] if respond else None)
+
+
+def make_case(B, V, C, dtype, gen, *, respond=True, bias=False, mask=False):
+    spec = make_spec(V, C, respond, gen)
+    logits = torch.randn(B, V, generator=gen) * 3
+    # Push the refusal tokens into the range where decisions vary from row to row.
+    logits[:, list(spec.refusal_ids)] += torch.rand(B, C, generator=gen) * 12 - 2
+    vocab_mask = None
+    if mask:
+        allowed = torch.rand(B, V, generator=gen) < torch.rand(B, 1, generator=gen).clamp_min(0.02)
+        vocab_mask = pack_vocab_mask(allowed)
+    temperature = torch.where(torch.rand(B, generator=gen) < 0.25, 0.0, torch.rand(B, generator=gen) * 1.7 + 0.3)
+    controls = RefusalControls.build(
+        B, C, DEVICE, thresholds=torch.rand(B, C, generator=gen) * 0.7,
+        logit_bias=(torch.randn(B, C, generator=gen) * 2) if bias else 0.0,
+        mode=torch.randint(0, 3, (B,), generator=gen).int(), temperature=temperature,
+        first_step=torch.rand(B, generator=gen) < 0.6, seed=torch.randint(0, 2**62, (B,), generator=gen),
+        position=torch.randint(0, 2**40, (B,), generator=gen),
+        vocab_mask=vocab_mask)
+    return logits.to(dtype).to(DEVICE), spec, controls
+
+
+def cdf_interval(logits, spec, controls, row, token):
+    """(low, high, u): the token's CDF interval in the sampler's fixed order, computed in float64."""
+    V = logits.shape[1]
+    z = logits[row].double().clone()
+    rid = list(spec.refusal_ids)
+    z[rid] += controls.logit_bias[row].double()
+    ctl = list(spec.control_ids)
+    ordinary = torch.ones(V, dtype=torch.bool, device=z.device)
+    ordinary[ctl] = False
+    allowed = ordinary.clone()
+    if controls.vocab_mask is not None:
+        from rtkern import unpack_vocab_mask
+        allowed &= unpack_vocab_mask(controls.vocab_mask[row:row + 1], V)[0]
+    free_first = bool(controls.first_step[row]) and int(controls.mode[row]) == 2
+    order = torch.cat([torch.arange(V, device=z.device)[ordinary], torch.tensor(ctl, device=z.device)])
+    ok = torch.cat([allowed[ordinary], torch.full((len(ctl),), free_first, device=z.device)])
+    inv_t = 1.0 / float(controls.temperature[row])
+    zz = z[order]
+    w = torch.where(ok, torch.exp((zz - zz[ok].max()) * inv_t), 0.0)
+    cum = torch.cumsum(w, 0) / w.sum()
+    k = int((order == token).nonzero()[0])
+    assert bool(ok[k]), f"row {row}: token {token} is not allowed"
+    u = float(row_uniform(controls.seed[row:row + 1], controls.position[row:row + 1])[0])
+    return (float(cum[k - 1]) if k else 0.0), float(cum[k]), u
+
+
+def assert_matches_reference(logits, spec, controls, out):
+    ref = sample_reference(logits, spec, controls, dtype=torch.float64)
+    p, pr = out.refusal_probs, ref.refusal_probs
+    assert torch.equal(torch.isnan(p), torch.isnan(pr))
+    torch.testing.assert_close(p.nan_to_num(), pr.nan_to_num(), rtol=2e-5, atol=2e-7)
+    # Rows whose decision sits within rounding of a threshold may legitimately differ.
+    pr64 = pr.double()
+    thr = controls.thresholds.double()
+    near = ((pr64 - thr).abs() < 1e-5).any(1) | ((pr64.sum(1) - thr[:, 0]).abs() < 1e-5)
+    near &= controls.first_step & (controls.mode != 2)
+    assert near.sum() <= max(2, logits.shape[0] // 20), "too many rows sit on a threshold"
+    mismatch = ((out.tokens != ref.tokens) | (out.refused != ref.refused)) & ~near
+    for row in mismatch.nonzero().flatten().tolist():
+        # Only a sampled token may differ, and only at a CDF boundary: both are then correct draws.
+        tok, rtok = int(out.tokens[row]), int(ref.tokens[row])
+        assert tok >= 0 and rtok >= 0 and float(controls.temperature[row]) > 0, (row, tok, rtok)
+        low, high, u = cdf_interval(logits, spec, controls, row, tok)
+        assert low - 1e-5 <= u <= high + 1e-5, f"row {row}: u={u} outside [{low}, {high}] of token {tok}"
+    assert mismatch.sum() <= max(1, logits.shape[0] // 50)
+
+
+@pytest.mark.parametrize("shape", SHAPES + (SHAPES_GPU if ON_GPU else []))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("flags", ["plain", "bias", "mask", "bias+mask+norespond"])
+def test_kernel_matches_reference(shape, dtype, flags):
+    B, V = shape
+    gen = torch.Generator().manual_seed(hash((B, V, str(dtype), flags)) % 2**31)
+    C = 5 if V > 200 else 2
+    logits, spec, controls = make_case(B, V, C, dtype, gen, respond="norespond" not in flags,
+                                       bias="bias" in flags, mask="mask" in flags)
+    assert_matches_reference(logits, spec, controls, kernel(logits, spec, controls))
+
+
+@pytest.mark.parametrize("block,splits", [(128, 1), (128, 3), (256, 8), (512, 2)])
+def test_tiling_and_splits_do_not_change_results(block, splits):
+    gen = torch.Generator().manual_seed(7)
+    logits, spec, controls = make_case(16, 1000, 3, torch.float32, gen, mask=True, bias=True)
+    out = kernel(logits, spec, controls, block=block, splits=splits)
+    assert_matches_reference(logits, spec, controls, out)
+    other = kernel(logits, spec, controls, block=block, splits=1)
+    assert torch.equal(out.tokens, other.tokens) and torch.equal(out.refused, other.refused)
+
+
+def test_row_stride_and_public_api():
+    gen = torch.Generator().manual_seed(3)
+    logits, spec, controls = make_case(4, 300, 2, torch.float32, gen)
+    wide = torch.full((4, 512), float("nan"), device=DEVICE)
+    wide[:, :300] = logits
+    view = wide[:, :300]
+    out = refusal_sample(view, spec, controls, backend="triton")
+    assert_matches_reference(logits, spec, controls, out)
+    ref = refusal_sample(view, spec, controls, backend="torch")
+    assert torch.equal(ref.tokens, sample_reference(logits, spec, controls).tokens)
+
+
+def test_out_buffers_are_filled_in_place():
+    gen = torch.Generator().manual_seed(4)
+    logits, spec, controls = make_case(6, 500, 2, torch.bfloat16, gen)
+    for backend in ("triton", "torch"):
+        out = SampleOutput.empty(6, 2, DEVICE)
+        res = refusal_sample(logits, spec, controls, out=out, backend=backend)
+        assert all(a is b for a, b in zip(res, out))
+        assert (out.tokens >= 0).all() and (out.tokens < 500).all()
+
+
+def test_greedy_is_argmax_with_lowest_id_on_ties():
+    V = 777
+    spec = RefusalSpec([5, 100], respond_id=200)
+    logits = torch.randn(8, V)
+    logits[:, 5] = 50.0  # control tokens are masked on later steps, however large
+    logits[1, 300] = logits[1, 301] = logits[1, 700] = 40.0  # exact tie: lowest id wins
+    logits = logits.to(DEVICE)
+    controls = RefusalControls.build(8, 2, DEVICE, temperature=0.0, first_step=False)
+    out = kernel(logits, spec, controls)
+    masked = logits.clone()
+    masked[:, [5, 100, 200]] = float("-inf")
+    assert torch.equal(out.tokens, masked.argmax(1))
+    assert int(out.tokens[1]) == 300
+    assert (out.refused == -1).all()
+
+
+def refusal_controls(B, mode, thr, **kw):
+    return RefusalControls.build(B, 2, DEVICE, thresholds=thr, mode=mode, **kw)
+
+
+def probs_logits(p, V=64, ids=(3, 9)):
+    """Logits whose softmax gives refusal probabilities ``p`` (rest spread evenly)."""
+    rest = 1.0 - sum(p)
+    z = torch.full((V,), math.log(rest / (V - len(p))))
+    for i, pi in zip(ids, p):
+        z[i] = math.log(pi)
+    return z
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_decision_rules(backend):
+    spec = RefusalSpec([3, 9], respond_id=11, names=["a", "b"])
+    rows = [  # (p, thresholds, mode, expected refused)
+        ((0.30, 0.50), (0.2, 0.4), "category", 1),  # both pass: larger p wins
+        ((0.30, 0.50), (0.2, 0.6), "category", 0),  # only 0 passes
+        ((0.30, 0.50), (0.2, 1.5), "category", 0),  # threshold > 1 switches b off
+        ((0.30, 0.30), (0.1, 0.1), "category", 0),  # tie: lowest category
+        ((0.30, 0.50), (0.9, 0.9), "category", -1),
+        ((0.30, 0.35), (0.6, 9.0), "sum", 1),       # 0.65 >= 0.6, argmax is b
+        ((0.30, 0.25), (0.6, 0.0), "sum", -1),      # sum reads thresholds[0] only
+    ]
+    logits = torch.stack([probs_logits(p) for p, *_ in rows]).to(DEVICE)
+    controls = RefusalControls.build(len(rows), 2, DEVICE, thresholds=torch.tensor([r[1] for r in rows]),
+                                     mode=[r[2] for r in rows], temperature=1.0)
+    out = refusal_sample(logits, spec, controls, backend=backend)
+    expect = torch.tensor([r[3] for r in rows], dtype=torch.int32, device=DEVICE)
+    assert torch.equal(out.refused, expect)
+    want_tok = torch.tensor([[3, 9][r] if r >= 0 else 11 for r in expect.tolist()], device=DEVICE)
+    assert torch.equal(out.tokens, want_tok)
+    torch.testing.assert_close(out.refusal_probs, torch.tensor([r[0] for r in rows], device=DEVICE),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_logit_bias_moves_probabilities_and_decisions(backend):
+    spec = RefusalSpec([3, 9], respond_id=11)
+    z = probs_logits((0.1, 0.1)).to(DEVICE)[None].expand(2, -1).contiguous()
+    controls = RefusalControls.build(2, 2, DEVICE, thresholds=0.5, logit_bias=torch.tensor([[0.0, 0.0], [3.0, 0.0]]))
+    out = refusal_sample(z, spec, controls, backend=backend)
+    e3 = 0.1 * math.exp(3.0)
+    p0 = e3 / (e3 + 0.9)
+    torch.testing.assert_close(out.refusal_probs[1, 0].cpu(), torch.tensor(p0), rtol=1e-5, atol=0)
+    assert out.refused.tolist() == [-1, 0]
+
+
+def test_no_respond_token_samples_without_refusal_tokens():
+    spec = RefusalSpec([3, 9])
+    B = 200
+    z = probs_logits((0.2, 0.2)).to(DEVICE)[None].expand(B, -1).contiguous()
+    controls = RefusalControls.build(B, 2, DEVICE, thresholds=0.9, seed=torch.arange(B))
+    out = kernel(z, spec, controls)
+    assert (out.refused == -1).all()
+    assert not torch.isin(out.tokens, torch.tensor([3, 9], device=DEVICE)).any()
+    assert len(set(out.tokens.tolist())) > 20
+
+
+def test_free_mode_draws_control_tokens_and_reports_them():
+    spec = RefusalSpec([3, 9], respond_id=11)
+    B = 400
+    z = probs_logits((0.3, 0.2)).to(DEVICE)
+    z[11] = math.log(0.3)
+    z = z[None].expand(B, -1).contiguous()
+    controls = RefusalControls.build(B, 2, DEVICE, mode="free", seed=torch.arange(B), thresholds=0.0)
+    out = kernel(z, spec, controls)
+    tok = out.tokens
+    assert torch.equal(out.refused, torch.where(tok == 3, 0, torch.where(tok == 9, 1, -1)).int())
+    frac = [(tok == t).float().mean().item() for t in (3, 9, 11)]
+    assert 0.2 < frac[0] < 0.4 and 0.1 < frac[1] < 0.3 and 0.2 < frac[2] < 0.4
+
+
+def chi2_critical(df, z=3.719):
+    # Wilson-Hilferty quantile; z=3.719 is p=1e-4, so a correct sampler fails 1 run in 10,000.
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.parametrize("case", ["later", "later-masked-T0.6", "free-first"])
+def test_sampled_frequencies_follow_the_masked_softmax(case):
+    V, B = 40, 6000
+    gen = torch.Generator().manual_seed(11)
+    spec = RefusalSpec([2, 5], respond_id=7)
+    z = torch.randn(V, generator=gen) * 1.2
+    temperature = 0.6 if "T0.6" in case else 1.0
+    allowed = torch.ones(V, dtype=torch.bool)
+    if "masked" in case:
+        allowed = torch.rand(V, generator=gen) < 0.6
+    free = case == "free-first"
+    controls = RefusalControls.build(B, 2, DEVICE, mode="free" if free else "category", first_step=free,
+                                     temperature=temperature, seed=torch.arange(B) * 7919 + 5,
+                                     position=torch.arange(B) % 13,
+                                     vocab_mask=pack_vocab_mask(allowed[None].expand(B, -1).contiguous()))
+    out = kernel(z.to(DEVICE)[None].expand(B, -1).contiguous(), spec, controls)
+    ok = allowed.clone()
+    ok[[2, 5, 7]] = free
+    expected = torch.where(ok, torch.softmax(z.double() / temperature, 0), 0.0)
+    expected /= expected.sum()
+    counts = torch.bincount(out.tokens.cpu(), minlength=V).double()
+    assert counts[~ok].sum() == 0, "a masked or control token was drawn"
+    e = expected[ok] * B
+    chi2 = float(((counts[ok] - e) ** 2 / e).sum())
+    assert chi2 < chi2_critical(int(ok.sum()) - 1), chi2
+
+
+def test_batch_invariance_and_seed_reproducibility():
+    gen = torch.Generator().manual_seed(21)
+    logits, spec, controls = make_case(37, 900, 3, torch.bfloat16, gen, mask=True, bias=True)
+    full = kernel(logits, spec, controls)
+    perm = torch.randperm(37, generator=gen).to(DEVICE)
+    shuffled = kernel(logits[perm].contiguous(), spec, _take(controls, perm))
+    assert torch.equal(shuffled.tokens, full.tokens[perm])
+    assert torch.equal(shuffled.refused, full.refused[perm])
+    for row in (0, 17, 36):
+        idx = torch.tensor([row], device=DEVICE)
+        alone = kernel(logits[idx].contiguous(), spec, _take(controls, idx))
+        assert int(alone.tokens[0]) == int(full.tokens[row])
+        assert torch.equal(alone.refusal_probs[0], full.refusal_probs[row])
+    again = kernel(logits, spec, controls)
+    assert torch.equal(again.tokens, full.tokens)
+
+
+def test_different_seeds_and_positions_give_different_draws():
+    spec = RefusalSpec([1])
+    z = torch.zeros(64, 1000, device=DEVICE)
+    a = kernel(z, spec, RefusalControls.build(64, 1, DEVICE, first_step=False, seed=torch.arange(64)))
+    b = kernel(z, spec, RefusalControls.build(64, 1, DEVICE, first_step=False, seed=torch.arange(64),
+                                               position=1))
+    assert len(set(a.tokens.tolist())) > 50
+    assert (a.tokens != b.tokens).float().mean() > 0.9
+
+
+def _take(controls, idx):
+    return RefusalControls(**{k: (v[idx].contiguous() if v is not None else None) for k, v in vars(controls).items()})
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_invalid_rows(backend):
+    V = 100
+    spec = RefusalSpec([3], respond_id=4)
+    z = torch.randn(6, V)
+    z[0, 50] = float("nan")
+    z[1, 60] = float("inf")
+    z[2] = float("-inf")
+    z[5, :90] = float("-inf")  # still valid: ten finite tokens
+    nothing = torch.zeros(6, V, dtype=torch.bool)
+    allowed = torch.ones(6, V, dtype=torch.bool)
+    allowed[3] = nothing[3]  # later step with an empty mask: nothing to sample
+    allowed[4] = nothing[4]  # first step that refuses: the forced token needs no mask
+    z[4, 3] = 20.0
+    controls = RefusalControls.build(6, 1, DEVICE, first_step=torch.tensor([True, True, True, False, True, False]),
+                                     thresholds=0.5, vocab_mask=pack_vocab_mask(allowed), temperature=0.8)
+    out = refusal_sample(z.to(DEVICE), spec, controls, backend=backend)
+    assert out.tokens.tolist()[:4] == [-1, -1, -1, -1]
+    assert out.refused.tolist()[:4] == [-2, -2, -2, -2]
+    assert int(out.tokens[4]) == 3 and int(out.refused[4]) == 0
+    assert 90 <= int(out.tokens[5]) < 100
+    assert torch.isnan(out.refusal_probs[:3]).all() and not torch.isnan(out.refusal_probs[3:]).any()
+
+
+def test_greedy_with_all_allowed_at_minus_inf_is_invalid():
+    spec = RefusalSpec([0])
+    z = torch.randn(1, 64)
+    z[0, 32:] = float("-inf")
+    allowed = torch.zeros(1, 64, dtype=torch.bool)
+    allowed[0, 40:] = True
+    controls = RefusalControls.build(1, 1, DEVICE, temperature=0.0, first_step=False,
+                                     vocab_mask=pack_vocab_mask(allowed))
+    out = kernel(z.to(DEVICE), spec, controls)
+    assert out.tokens.tolist() == [-1] and out.refused.tolist() == [-2]
