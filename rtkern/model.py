@@ -306,12 +306,14 @@ class Transformer(nn.Module):
             t = self._inv_freq[device] = self._inv_freq_cpu.to(device)
         return t
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V].
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
+                logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V] (or [B, V] at ``logits_index`` [B] int64, one position per row).
 
         With a cache (``setup_cache``), k/v are written at ``input_pos`` ([T] or [B, T]; default
         0..T-1) and each query attends to cache slots <= its position. Without one, plain causal
-        attention over ``tokens`` (training).
+        attention over ``tokens`` (training). ``logits_index`` skips the head on the other positions
+        (prefill only needs each prompt's last token).
         """
         B, T = tokens.shape
         device = tokens.device
@@ -333,6 +335,8 @@ class Transformer(nn.Module):
             mask = mask[None, None] if input_pos.dim() == 1 else mask[:, None]
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, mask)
+        if logits_index is not None:
+            x = x[torch.arange(B, device=device), logits_index]
         return self.lm_head(self.norm(x))
 
 
