@@ -307,13 +307,19 @@ class Transformer(nn.Module):
         return t
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
-                logits_index: torch.Tensor | None = None) -> torch.Tensor:
+                logits_index: torch.Tensor | None = None, *, attn_mask: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V] (or [B, V] at ``logits_index`` [B] int64, one position per row).
 
         With a cache (``setup_cache``), k/v are written at ``input_pos`` ([T] or [B, T]; default
         0..T-1) and each query attends to cache slots <= its position. Without one, plain causal
         attention over ``tokens`` (training). ``logits_index`` skips the head on the other positions
         (prefill only needs each prompt's last token).
+
+        Training extras (no cache): ``attn_mask`` [B, T, T] bool (True = may attend) replaces the causal
+        mask, e.g. block-diagonal for packed sequences with per-sequence ``input_pos`` [B, T];
+        ``return_hidden`` returns the final-norm hidden states [B, T, D] instead of logits (for a
+        chunked loss that never builds [B, T, V]).
         """
         B, T = tokens.shape
         device = tokens.device
@@ -329,6 +335,10 @@ class Transformer(nn.Module):
         # broadcast against [B, H, T, D]
         cos, sin = (cos[None, None], sin[None, None]) if input_pos.dim() == 1 else (cos[:, None], sin[:, None])
         mask = None
+        if attn_mask is not None:
+            if cached:
+                raise ValueError("attn_mask is for training without a KV cache")
+            mask = attn_mask[:, None]
         if cached:
             slots = torch.arange(self.max_seq, device=device)
             mask = slots <= input_pos[..., None]                          # [T, S] or [B, T, S]
@@ -337,6 +347,8 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, input_pos, mask)
         if logits_index is not None:
             x = x[torch.arange(B, device=device), logits_index]
+        if return_hidden:
+            return self.norm(x)
         return self.lm_head(self.norm(x))
 
 
