@@ -1,0 +1,195 @@
+"""Refusal thresholds file: written by ``rtkern calibrate``, read by the engine, ``rtkern generate`` and the
+adapters (``--thresholds FILE``).
+
+    {
+      "format": "rtkern-thresholds/1",
+      "mode": "category",
+      "thresholds": {"Humanizing requests": 0.41, "Incomplete requests": 2.0, ...},
+      "default": 0.5,                      (optional: for categories the file does not name)
+      "created_by": "rtkern calibrate",    (optional)
+      "metadata": {...}                    (optional: free-form, e.g. how the values were chosen)
+    }
+
+Keys of ``thresholds`` are the category names of the model's `RefusalSpec` (``"refuse"`` for the single
+scheme). A value above 1 switches its category off. In ``sum`` mode the sampler compares the summed
+refusal probability with one threshold, so every value in the file must be the same.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional, Union
+
+import torch
+
+from .spec import RefusalSpec
+
+FORMAT = "rtkern-thresholds/1"
+_MODES = ("category", "sum")
+_KEYS = ("format", "mode", "thresholds", "default", "created_by", "metadata")
+PathLike = Union[str, Path]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Contents of a thresholds file.
+
+    thresholds : category name -> threshold (>= 0; above 1 switches the category off)
+    mode : ``"category"`` or ``"sum"``
+    default : threshold for categories the file does not name (None: every category must be named)
+    created_by, metadata : provenance, not interpreted
+    """
+
+    thresholds: dict[str, float]
+    mode: str = "category"
+    default: Optional[float] = None
+    created_by: Optional[str] = None
+    metadata: dict = field(default_factory=dict)
+
+    def tensor(self, spec: RefusalSpec, device=None) -> torch.Tensor:
+        """Thresholds in the spec's category order: float32 ``[C]``, for ``RefusalControls.build``."""
+        return thresholds_tensor(self, spec, device=device)
+
+
+def _value(v, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{where} must be a number, got {json.dumps(v) if _jsonable(v) else repr(v)}")
+    v = float(v)
+    if math.isnan(v) or math.isinf(v):
+        raise ValueError(f"{where} must be finite (use a value above 1 to switch a category off), got {v}")
+    if v < 0:
+        raise ValueError(f"{where} must be >= 0, got {v}")
+    return v
+
+
+def _jsonable(v) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _parse(data, src: str, spec: Optional[RefusalSpec]) -> Thresholds:
+    if not isinstance(data, dict):
+        raise ValueError(f"{src}: expected a JSON object, got {type(data).__name__}")
+    unknown = [k for k in data if k not in _KEYS]
+    if unknown:
+        raise ValueError(f"{src}: unknown key {unknown[0]!r} (allowed: {list(_KEYS)})")
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{src}: key 'format' must be {FORMAT!r}, got {data.get('format')!r}")
+    mode = data.get("mode", "category")
+    if mode not in _MODES:
+        raise ValueError(f"{src}: key 'mode' must be one of {list(_MODES)}, got {mode!r}")
+    raw = data.get("thresholds")
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError(f"{src}: key 'thresholds' must be a non-empty object of category name -> number")
+    values = {str(k): _value(v, f"{src}: thresholds[{k!r}]") for k, v in raw.items()}
+    default = None if data.get("default") is None else _value(data["default"], f"{src}: key 'default'")
+    if mode == "sum" and len(set(values.values()) | ({default} if default is not None else set())) > 1:
+        raise ValueError(f"{src}: mode 'sum' uses one threshold on the summed probability, but "
+                         f"'thresholds' holds different values {sorted(set(values.values()))}")
+    created_by = data.get("created_by")
+    if created_by is not None and not isinstance(created_by, str):
+        raise ValueError(f"{src}: key 'created_by' must be a string")
+    metadata = data.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{src}: key 'metadata' must be an object")
+    th = Thresholds(values, mode, default, created_by, metadata)
+    if spec is not None:
+        check_against_spec(th, spec, src)
+    return th
+
+
+def check_against_spec(th: Thresholds, spec: RefusalSpec, src: str = "thresholds") -> None:
+    """Raise ValueError if ``th`` names a category the model lacks, or misses one and has no default."""
+    names = list(spec.names)
+    unknown = [k for k in th.thresholds if k not in names]
+    if unknown:
+        raise ValueError(f"{src}: thresholds[{unknown[0]!r}] is not a category of this model "
+                         f"(categories: {names})")
+    missing = [n for n in names if n not in th.thresholds]
+    if missing and th.default is None:
+        raise ValueError(f"{src}: no threshold for category {missing[0]!r} and no 'default'")
+
+
+def load_thresholds(path: PathLike, spec: Optional[RefusalSpec] = None) -> Thresholds:
+    """Read and validate a thresholds file.
+
+    Parameters
+    ----------
+    path : str or Path
+    spec : RefusalSpec, optional
+        When given, the category names are checked against the model's.
+
+    Returns
+    -------
+    Thresholds
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist.
+    ValueError
+        Invalid JSON, wrong ``format``/``mode``, a value that is not a finite number >= 0, an unknown
+        key, or a category the spec lacks; the message names the file and the key.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: thresholds file not found") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
+    try:
+        # Python's json reads NaN/Infinity as floats; `_value` then rejects them naming the key.
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from e
+    return _parse(data, str(path), spec)
+
+
+def save_thresholds(path: PathLike, thresholds: Union[Thresholds, Mapping[str, float]], *,
+                    mode: str = "category", default: Optional[float] = None,
+                    created_by: Optional[str] = "rtkern calibrate", metadata: Optional[dict] = None,
+                    spec: Optional[RefusalSpec] = None) -> Path:
+    """Validate and write a thresholds file (the values are checked as `load_thresholds` checks them).
+
+    ``thresholds`` is a `Thresholds` (other keyword arguments are then ignored) or a mapping of category
+    name -> value. Returns the path written.
+    """
+    if isinstance(thresholds, Thresholds):
+        th = thresholds
+    else:
+        if not isinstance(thresholds, Mapping):
+            raise TypeError(f"thresholds must be a Thresholds or a mapping, got {type(thresholds).__name__}")
+        th = Thresholds({str(k): v for k, v in thresholds.items()}, mode, default, created_by, dict(metadata or {}))
+    data = {"format": FORMAT, "mode": th.mode, "thresholds": dict(th.thresholds)}
+    if th.default is not None:
+        data["default"] = th.default
+    if th.created_by is not None:
+        data["created_by"] = th.created_by
+    if th.metadata:
+        data["metadata"] = th.metadata
+    path = Path(path)
+    _parse(data, str(path), spec)  # never write a file the loader would reject
+    try:
+        text = json.dumps(data, indent=2, allow_nan=False)
+    except ValueError as e:
+        raise ValueError(f"{path}: metadata must not hold NaN or infinity ({e})") from e
+    path.write_text(text + "\n", encoding="utf-8")
+    return path
+
+
+def thresholds_tensor(th: Thresholds, spec: RefusalSpec, device=None) -> torch.Tensor:
+    """Per-category thresholds in the spec's order, float32 ``[C]``.
+
+    Pass it as ``RefusalControls.build(..., thresholds=t, mode=th.mode)``.
+    """
+    if not isinstance(th, Thresholds):
+        raise TypeError(f"th must be a Thresholds, got {type(th).__name__}")
+    check_against_spec(th, spec)
+    vals = [th.thresholds.get(n, th.default) for n in spec.names]
+    return torch.tensor(vals, dtype=torch.float32, device=device)
