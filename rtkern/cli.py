@@ -60,6 +60,24 @@ register(("bench", "sampler"), "fused refusal sampler vs naive PyTorch / CUDA gr
 
 
 # ---------------------------------------------------------------------------------------------------
+# calibrate
+# ---------------------------------------------------------------------------------------------------
+
+def _configure_calibrate(p: argparse.ArgumentParser) -> None:
+    from .calibrate_cli import configure
+    configure(p)
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate_cli import run
+    return run(args)
+
+
+register(("calibrate",), "score labelled prompts, choose refusal thresholds, write report + thresholds.json",
+         _configure_calibrate, _run_calibrate)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Placeholders: commands that other parts of rtkern will provide. Each says so and exits 2 (no fake
 # output). Replace an entry by calling `register` with the same path.
 # ---------------------------------------------------------------------------------------------------
@@ -77,7 +95,6 @@ def _no_options(p: argparse.ArgumentParser) -> None:
 
 for _path, _help in ((("bench", "decode"), "end-to-end decode throughput (not available yet)"),
                      (("generate",), "generate text with refusal control (not available yet)"),
-                     (("calibrate",), "score prompts and choose refusal thresholds (not available yet)"),
                      (("train",), "SFT with refusal tokens (not available yet)")):
     register(_path, _help, _no_options, _not_available(" ".join(_path)))
 

@@ -1,0 +1,507 @@
+"""rtkern.calibrate / rtkern.thresholds / rtkern.calibrate_data / ``rtkern calibrate``.
+
+Metrics against hand-computed cases and brute force, threshold choice on synthetic scores, the
+thresholds file, `score` against unbatched full forwards of a tiny random model, and the CLI end to end.
+"""
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rtkern import cli
+from rtkern.calibrate import (OFF, auroc, binary_metrics, choose_best_f1, choose_for_max_over_refusal,
+                              choose_for_target_rate, decisions, last_position_logits, rate_curve,
+                              rates_by_group, refusal_score, roc_curve, score, sweep, switch_off_effect,
+                              threshold_for_best_f1, threshold_for_max_rate, threshold_for_rate)
+from rtkern.calibrate_data import coconot_is_test, even_subset, load_labelled
+from rtkern.spec import CATEGORIES, RESPOND_TOKEN, RefusalSpec, control_token_strings
+from rtkern.thresholds import FORMAT, Thresholds, load_thresholds, save_thresholds, thresholds_tensor
+
+transformers = pytest.importorskip("transformers")
+
+COCONOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "coconot"
+CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# ROC / AUROC / F1 / rates
+# ---------------------------------------------------------------------------------------------------
+
+def test_auroc_and_roc_with_ties_hand_computed():
+    y = [1, 1, 0, 0, 1, 0]
+    s = [0.9, 0.5, 0.5, 0.1, 0.5, 0.3]
+    # 9 pairs: 0.9 beats all 3 negatives; each positive 0.5 ties one negative (1/2) and beats two.
+    assert auroc(y, s) == pytest.approx(8 / 9)
+    fpr, tpr, thr = roc_curve(y, s)
+    np.testing.assert_allclose(thr, [np.inf, 0.9, 0.5, 0.3, 0.1])
+    np.testing.assert_allclose(tpr, [0, 1 / 3, 1, 1, 1])
+    np.testing.assert_allclose(fpr, [0, 0, 1 / 3, 2 / 3, 1])
+    assert np.trapezoid(tpr, fpr) == pytest.approx(8 / 9)
+    assert auroc([1, 0, 1, 0], [0.2] * 4) == 0.5
+    assert auroc([1, 1, 0], [0.9, 0.8, 0.1]) == 1.0 and auroc([1, 1, 0], [0.1, 0.2, 0.3]) == 0.0
+
+
+def test_auroc_matches_pairwise_count_and_roc_area():
+    rng = np.random.default_rng(0)
+    y = rng.random(300) < 0.4
+    s = rng.integers(0, 7, 300).astype(float)  # heavy ties
+    pos, neg = s[y], s[~y]
+    pairs = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    assert auroc(y, s) == pytest.approx(pairs / (len(pos) * len(neg)), abs=1e-12)
+    fpr, tpr, _ = roc_curve(y, s)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(auroc(y, s), abs=1e-12)
+
+
+def test_auroc_rejects_one_class_nan_and_bad_labels():
+    with pytest.raises(ValueError, match="both classes"):
+        auroc([1, 1], [0.1, 0.2])
+    with pytest.raises(ValueError, match="NaN"):
+        auroc([1, 0], [0.1, float("nan")])
+    with pytest.raises(ValueError, match="0/1"):
+        auroc([2, 0], [0.1, 0.2])
+    with pytest.raises(ValueError, match="same length"):
+        roc_curve([1, 0], [0.1])
+
+
+def test_binary_metrics_hand_computed():
+    m = binary_metrics([1, 1, 1, 0, 0], [1, 0, 1, 1, 0])
+    assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (2, 1, 1, 1)
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3) and m["fpr"] == 0.5 and m["accuracy"] == pytest.approx(3 / 5)
+    empty = binary_metrics([1, 1], [0, 0])
+    assert empty["f1"] == 0.0 and math.isnan(empty["precision"]) and math.isnan(empty["fpr"])
+
+
+def test_rates_sweep_and_rate_curve_hand_computed():
+    refused = [True, False, True, True, False]
+    groups = [0, 0, 1, -1, 2]
+    np.testing.assert_allclose(rates_by_group(refused, groups, 4), [0.5, 1.0, 0.0, np.nan])
+    np.testing.assert_allclose(rate_curve([0.1, 0.5, 0.5, 0.9], [0.0, 0.5, 0.6, 1.0]), [1, 0.75, 0.25, 0])
+    probs = np.array([[0.1, 0.6], [0.3, 0.2], [0.45, 0.45]], np.float32)
+    np.testing.assert_allclose(refusal_score(probs, "category"), [0.6, 0.3, 0.45])
+    np.testing.assert_allclose(refusal_score(probs, "sum"), [0.7, 0.5, 0.9], rtol=1e-6)
+    rates = sweep(probs, [0, 1, 1], 2, [0.4, 0.5], "category")
+    np.testing.assert_allclose(rates, [[1, 0.5, 2 / 3], [1, 0, 1 / 3]])
+    with pytest.raises(ValueError, match=r"groups must lie"):
+        rates_by_group([True], [3], 2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decisions (DESIGN.md rule 2) and switching categories off
+# ---------------------------------------------------------------------------------------------------
+
+def test_decisions_follow_rule_2():
+    probs = np.array([[0.30, 0.30, 0.1],    # tie between passing categories -> lowest index
+                      [0.20, 0.50, 0.40],   # largest passing p
+                      [0.05, 0.05, 0.05],   # nothing passes
+                      [0.35, 0.01, 0.01]], np.float32)
+    np.testing.assert_array_equal(decisions(probs, 0.3), [0, 1, -1, 0])
+    # category 1 off: row 1 now refused with category 2, the next largest passing
+    np.testing.assert_array_equal(decisions(probs, [0.3, OFF, 0.3]), [0, 2, -1, 0])
+    # sum mode: sum >= thresholds[0], category = argmax
+    np.testing.assert_array_equal(decisions(probs, [0.75, 0.0, 0.0], "sum"), [-1, 1, -1, -1])
+    with pytest.raises(ValueError, match="free"):
+        decisions(probs, 0.3, "free")
+    with pytest.raises(ValueError, match="NaN"):
+        decisions(probs, [0.3, float("nan"), 0.3])
+
+
+def test_switch_off_drops_only_its_category():
+    rng = np.random.default_rng(1)
+    C, n = 3, 600
+    cat = rng.integers(0, C, n)
+    probs = rng.uniform(0, 0.2, (n, C)).astype(np.float32)
+    probs[np.arange(n), cat] = rng.uniform(0.4, 1.0, n)   # each prompt's own token dominates
+    eff = switch_off_effect(probs, [0.3] * C, cat, C)
+    np.testing.assert_allclose(eff[0], 1.0)
+    for k in range(C):
+        assert eff[1 + k, k] == 0.0
+        np.testing.assert_allclose(np.delete(eff[1 + k], k), 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Threshold choice
+# ---------------------------------------------------------------------------------------------------
+
+def test_threshold_helpers_exact():
+    s = [0.1, 0.2, 0.3, 0.4, 0.5]
+    assert threshold_for_rate(s, 0.4) == pytest.approx(0.4) and threshold_for_rate(s, 0.41) == pytest.approx(0.3)
+    assert rate_curve(s, [threshold_for_rate(s, 0.0)])[0] == 0.0
+    assert threshold_for_max_rate(s, 0.4) > np.float32(0.3) and rate_curve(s, [threshold_for_max_rate(s, 0.4)])[0] == 0.4
+    assert threshold_for_max_rate(s, 1.0) == 0.0
+    # F1 at >= 0.5, 0.4, 0.3, 0.2, 0.1: 2/4, 4/5, 4/6, 6/7, 6/8
+    t, f1 = threshold_for_best_f1([0, 1, 0, 1, 1], s)
+    assert t == pytest.approx(0.2) and f1 == pytest.approx(6 / 7)
+    t, f1 = threshold_for_best_f1([0, 1, 0, 0, 1], s)   # 2/3 at both >= 0.5 and >= 0.2: the higher wins
+    assert t == pytest.approx(0.5) and f1 == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        threshold_for_rate(s, 1.5)
+
+
+def _synthetic(n=2000, C=3, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.random(n) < 0.6
+    cat = np.where(y, rng.integers(0, C, n), -1)
+    probs = rng.beta(1, 6, (n, C)).astype(np.float32)
+    own = rng.beta(4, 2, n).astype(np.float32)
+    probs[y, cat[y]] = own[y]
+    return probs, y, cat
+
+
+@pytest.mark.parametrize("C", [1, 3])
+@pytest.mark.parametrize("target", [0.5, 0.9])
+def test_target_rate_is_hit(C, target):
+    probs, y, cat = _synthetic(C=C)
+    choice = choose_for_target_rate(probs, y, cat if C > 1 else None, target)
+    refused = decisions(probs, choice.thresholds) >= 0
+    if C == 1:
+        assert target <= refused[y].mean() <= target + 2 / y.sum()
+    for k in range(C):
+        own = y & (cat == k)
+        fired = probs[own, k] >= choice.thresholds[k]   # the token's own rate is the target, tight
+        assert target <= fired.mean() <= target + 2 / own.sum()
+        assert refused[own].mean() >= target            # other tokens can only add refusals
+
+
+@pytest.mark.parametrize("mode", ["category", "sum"])
+def test_max_over_refusal_is_respected_and_tight(mode):
+    probs, y, _ = _synthetic()
+    for r in (0.05, 0.15):
+        choice = choose_for_max_over_refusal(probs, y, r, mode)
+        refused = decisions(probs, choice.thresholds, mode) >= 0
+        assert r - 0.01 <= refused[~y].mean() <= r
+        assert refused[y].mean() > 0.3
+
+
+def test_best_f1_matches_brute_force():
+    probs, y, cat = _synthetic(n=400, C=1)
+    choice = choose_best_f1(probs, y, None)
+    best = max(binary_metrics(y, probs[:, 0] >= t)["f1"] for t in np.unique(probs[:, 0]))
+    assert binary_metrics(y, decisions(probs, choice.thresholds) >= 0)["f1"] == pytest.approx(best)
+    probs, y, cat = _synthetic(n=400, C=3)
+    choice = choose_best_f1(probs, y, cat)
+    for k in range(3):
+        rows = (y & (cat == k)) | ~y
+        brute = max(binary_metrics((y & (cat == k))[rows], probs[rows, k] >= t)["f1"] for t in np.unique(probs[rows, k]))
+        got = binary_metrics((y & (cat == k))[rows], probs[rows, k] >= choice.thresholds[k])["f1"]
+        assert got == pytest.approx(brute)
+
+
+def test_category_without_examples_keeps_shared_threshold():
+    probs, y, cat = _synthetic(C=3)
+    cat[cat == 2] = 0
+    choice = choose_for_target_rate(probs, y, cat, 0.8)
+    assert any("category 2" in n for n in choice.notes)
+    assert choice.thresholds[2] == pytest.approx(threshold_for_rate(probs[y].max(1), 0.8))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Thresholds file
+# ---------------------------------------------------------------------------------------------------
+
+def _category_spec():
+    return RefusalSpec([10, 11, 12, 13, 14], 15, CATEGORIES)
+
+
+def test_thresholds_file_round_trip(tmp_path):
+    spec = _category_spec()
+    values = {n: v for n, v in zip(CATEGORIES, [0.25, 2.0, 0.5, 0.1, 0.3000000119])}
+    path = save_thresholds(tmp_path / "t.json", values, metadata={"criterion": "best F1"}, spec=spec)
+    th = load_thresholds(path, spec)
+    assert th.thresholds == values and th.mode == "category" and th.metadata == {"criterion": "best F1"}
+    assert th.created_by == "rtkern calibrate"
+    t = thresholds_tensor(th, spec)
+    assert t.dtype == torch.float32 and t.tolist() == torch.tensor(list(values.values())).tolist()
+    from rtkern.spec import RefusalControls
+    controls = RefusalControls.build(2, 5, thresholds=th.tensor(spec), mode=th.mode)
+    assert controls.thresholds[1, 1] == 2.0
+    # a default covers unnamed categories
+    save_thresholds(tmp_path / "d.json", {"Humanizing requests": 0.7}, default=0.4, spec=spec)
+    assert thresholds_tensor(load_thresholds(tmp_path / "d.json"), spec).tolist() == pytest.approx([0.7] + [0.4] * 4)
+
+
+GOOD = {"format": FORMAT, "mode": "category", "thresholds": {"refuse": 0.5}}
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{not json", "invalid JSON"),
+    ('{"format": "rtkern-thresholds/1", "thresholds": {"refuse": NaN}}', r"thresholds\['refuse'\] must be finite"),
+    ('{"format": "rtkern-thresholds/1", "thresholds": {"refuse": 0.5}, "default": Infinity}', "'default' must be finite"),
+    (json.dumps({**GOOD, "format": "other/2"}), "'format'"),
+    (json.dumps({k: v for k, v in GOOD.items() if k != "format"}), "'format'"),
+    (json.dumps({**GOOD, "mode": "free"}), "'mode'"),
+    (json.dumps({**GOOD, "thresholds": {"refuse": -0.1}}), r"thresholds\['refuse'\] must be >= 0"),
+    (json.dumps({**GOOD, "thresholds": {"refuse": "0.5"}}), r"thresholds\['refuse'\] must be a number"),
+    (json.dumps({**GOOD, "thresholds": {"refuse": True}}), r"thresholds\['refuse'\] must be a number"),
+    (json.dumps({**GOOD, "thresholds": {}}), "non-empty"),
+    (json.dumps({**GOOD, "thresholds": [0.5]}), "non-empty object"),
+    (json.dumps({**GOOD, "treshold": 1}), "unknown key 'treshold'"),
+    (json.dumps({**GOOD, "mode": "sum", "thresholds": {"a": 0.5, "b": 0.6}}), "one threshold"),
+    (json.dumps([GOOD]), "JSON object"),
+])
+def test_thresholds_file_rejects_bad_files(tmp_path, content, match):
+    f = tmp_path / "bad.json"
+    f.write_text(content)
+    with pytest.raises(ValueError, match=match) as e:
+        load_thresholds(f)
+    assert "bad.json" in str(e.value)
+
+
+def test_thresholds_file_checks_categories_against_spec(tmp_path):
+    spec = _category_spec()
+    f = tmp_path / "t.json"
+    f.write_text(json.dumps({**GOOD, "thresholds": {"Humanizing requests": 0.5, "Violence": 0.3}}))
+    with pytest.raises(ValueError, match=r"t\.json: thresholds\['Violence'\] is not a category"):
+        load_thresholds(f, spec)
+    f.write_text(json.dumps({**GOOD, "thresholds": {"Humanizing requests": 0.5}}))
+    with pytest.raises(ValueError, match=r"no threshold for category 'Incomplete requests'"):
+        load_thresholds(f, spec)
+    load_thresholds(f)  # without a spec the names are not checked
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        load_thresholds(tmp_path / "nope.json")
+    with pytest.raises(ValueError, match="must be >= 0"):
+        save_thresholds(tmp_path / "x.json", {"refuse": -1})
+    assert not (tmp_path / "x.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data files
+# ---------------------------------------------------------------------------------------------------
+
+def test_csv_and_jsonl_loading(tmp_path):
+    c = tmp_path / "d.csv"
+    c.write_text('prompt,label,category\n"multi\nline",refuse,unknowns\nhi,0,\n\nwhy,COMPLY,Other\n')
+    d = load_labelled(c)
+    assert d.prompts == ["multi\nline", "hi", "why"] and d.should_refuse.tolist() == [True, False, False]
+    assert d.categories == ["Indeterminate requests", None, "Other"]
+    assert d.sources == [f"{c}:2", f"{c}:4", f"{c}:6"]
+    j = tmp_path / "d.jsonl"
+    j.write_text('{"prompt": "a", "label": 1, "category": "Humanizing requests"}\n\n{"prompt": "b", "label": "refuse"}\n')
+    d = load_labelled(j)
+    assert d.should_refuse.tolist() == [True, True] and d.sources[1] == f"{j}:3"
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("a.jsonl", '{"prompt": "a", "label": 1}\n{"prompt": "b"}\n', r"a\.jsonl:2: missing field 'label'"),
+    ("a.jsonl", '{"prompt": "a", "label": 1}\nnot json\n', r"a\.jsonl:2: invalid JSON"),
+    ("a.jsonl", '{"prompt": "a", "label": "maybe"}\n', r"a\.jsonl:1: 'label' must be refuse/comply"),
+    ("a.jsonl", '{"prompt": "", "label": 1}\n', r"a\.jsonl:1: 'prompt' must be a non-empty string"),
+    ("a.jsonl", '[1, 2]\n', r"a\.jsonl:1: expected a JSON object"),
+    ("a.csv", "prompt,label\nx,1\ny,1,extra\n", r"a\.csv:3: expected 2 fields"),
+    ("a.csv", "text,label\nx,1\n", r"a\.csv:1: header has no column 'prompt'"),
+    ("a.csv", "prompt,label\nx,2\n", r"a\.csv:2: 'label'"),
+    ("a.txt", "x", "unsupported data file type"),
+])
+def test_malformed_data_names_file_and_line(tmp_path, name, content, match):
+    f = tmp_path / name
+    f.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        load_labelled(f)
+
+
+def test_even_subset_keeps_both_labels_and_spreads():
+    from rtkern.calibrate_data import LabelledPrompts
+    d = LabelledPrompts([str(i) for i in range(20)], np.array([True] * 15 + [False] * 5),
+                        [f"c{i // 5}" for i in range(20)], [""] * 20)
+    s = even_subset(d, 3)
+    assert s.prompts == ["0", "7", "14", "15", "17", "19"]
+
+
+@pytest.mark.skipif(not COCONOT.is_dir(), reason="shared CoCoNot data not present")
+def test_coconot_folder_split():
+    d = load_labelled(COCONOT)
+    assert int(d.should_refuse.sum()) == 284 and int((~d.should_refuse).sum()) == 379
+    refuse_cats = [c for c, y in zip(d.categories, d.should_refuse) if y]
+    assert refuse_cats.count("Indeterminate requests") == 37 and refuse_cats.count("Humanizing requests") == 27
+    assert set(d.categories) <= set(CATEGORIES)
+    assert not coconot_is_test("bajp42a") or "bajp42a"  # the rule is a pure function of the id
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring on a tiny random model
+# ---------------------------------------------------------------------------------------------------
+
+def _save_tiny(d: Path, control: list, seed: int = 0) -> None:
+    from tokenizers import AddedToken, Tokenizer as TK, decoders, models, pre_tokenizers, trainers
+    tk = TK(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>", "<|im_end|>", "<|im_start|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(["please refuse this request", "respond to the user kindly", "hello world"] * 20, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>",
+                                                bos_token="<|im_start|>", chat_template=CHAT)
+    if control:
+        fast.add_tokens([AddedToken(s, special=True, normalized=False) for s in control], special_tokens=True)
+    fast.save_pretrained(d)
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=96, vocab_size=320, eos_token_id=1)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # larger logits on the control rows, so their probabilities vary visibly
+        ids = [len(fast) - len(control) + i for i in range(len(control))]
+        model.lm_head.weight[ids] *= 40
+    model.save_pretrained(d)
+
+
+@pytest.fixture(scope="module")
+def tiny_category(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_category")
+    strings, _ = control_token_strings("category")
+    _save_tiny(d, strings + [RESPOND_TOKEN])
+    return d
+
+
+PROMPTS = ["hello", "please refuse this request and respond to the user kindly, hello world " * 3,
+           "world", "respond kindly", [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"}],
+           "the user spells [refuse] and [respond] in text", "x" * 40, "please"]
+
+
+def _unbatched(model, tok, prompts, spec):
+    rows = []
+    for p in prompts:
+        msgs = [{"role": "user", "content": p}] if isinstance(p, str) else p
+        ids = torch.tensor([tok.apply_chat_template(msgs, add_generation_prompt=True)])
+        with torch.no_grad():
+            logits = model(ids)[0, -1].double()
+        rows.append(torch.softmax(logits, -1)[list(spec.control_ids)].float())
+    return torch.stack(rows)
+
+
+def test_score_equals_unbatched_full_forward(tiny_category):
+    from rtkern.calibrate_cli import protect_control_tokens
+    from rtkern.loader import load_model
+    model, tok = load_model(tiny_category, device="cpu")
+    spec = RefusalSpec.from_tokenizer(tok, "category", require_respond=True)
+    protect_control_tokens(tok, spec)
+    assert set(spec.control_ids).isdisjoint(tok.apply_chat_template([{"role": "user", "content": PROMPTS[5]}]))
+    ref = _unbatched(model, tok, PROMPTS, spec)
+    for bs in (1, 3, 8):
+        got = score(model, tok, PROMPTS, spec, batch_size=bs, progress=False)
+        assert got.shape == (len(PROMPTS), 6) and got.dtype == torch.float32
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-4)
+    assert ref[:, :5].std() > 1e-3  # the probabilities differ between prompts: the test can fail
+
+
+def test_score_uses_last_positions_only_and_generic_fallback(tiny_category):
+    from rtkern.loader import load_model
+    model, tok = load_model(tiny_category, device="cpu")
+    spec = RefusalSpec.from_tokenizer(tok, "category")
+    tokens = torch.randint(0, 300, (3, 9))
+    last = torch.tensor([8, 2, 5])
+    with torch.no_grad():
+        full = model(tokens)[torch.arange(3), last]
+        seen = []
+        hook = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+        try:
+            torch.testing.assert_close(last_position_logits(model, tokens, last), full, atol=1e-5, rtol=0)
+        finally:
+            hook.remove()
+        assert seen == [(3, 64)]  # the head ran on the three read positions only, never [B, T, V]
+
+    class Wrapped(torch.nn.Module):  # not a Transformer: falls back to the full forward
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(x)
+
+    a = score(model, tok, PROMPTS[:4], spec, batch_size=2, progress=False)
+    b = score(Wrapped(model), tok, PROMPTS[:4], spec, batch_size=4, progress=False)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="prompt 1 is .* tokens"):
+        score(model, tok, PROMPTS[:2], spec, max_length=20, progress=False)
+    with pytest.raises(TypeError, match="prompt 0"):
+        score(model, tok, [3], spec, progress=False)
+    assert score(model, tok, [], spec, progress=False).shape == (0, 6)
+    model.setup_cache(2, 64)
+    try:
+        with pytest.raises(ValueError, match="remove_cache"):
+            score(model, tok, PROMPTS[:1], spec, progress=False)
+    finally:
+        model.remove_cache()
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------
+
+def _write_jsonl(path: Path, n: int = 12) -> Path:
+    words = ["hello", "please", "refuse", "respond", "kindly", "world", "user", "request"]
+    cats = [CATEGORIES[i % 5] for i in range(n)]
+    with open(path, "w") as fh:
+        for i in range(n):
+            fh.write(json.dumps({"prompt": " ".join(words[(i + k) % 8] for k in range(1 + i % 5)),
+                                 "label": "refuse" if i % 2 == 0 else "comply", "category": cats[i]}) + "\n")
+    return path
+
+
+def test_cli_end_to_end(tiny_category, tmp_path, capsys):
+    data = _write_jsonl(tmp_path / "d.jsonl")
+    out = tmp_path / "out"
+    rc = cli.main(["calibrate", "--model", str(tiny_category), "--data", str(data), "--target-rate", "0.5",
+                   "--batch-size", "4", "--device", "cpu", "--no-progress", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    from rtkern.loader import load_model
+    _, tok = load_model(tiny_category, device="cpu")
+    spec = RefusalSpec.from_tokenizer(tok, "category")
+    th = load_thresholds(out / "thresholds.json", spec)
+    assert th.mode == "category" and set(th.thresholds) == set(CATEGORIES)
+    assert th.metadata["criterion"].startswith("target refusal rate 0.5")
+    report = (out / "report.md").read_text()
+    for section in ("Chosen thresholds", "Refusal rates at the chosen thresholds", "AUROC",
+                    "Refusal rate vs one threshold", "Switching one category off", "| Humanizing requests |"):
+        assert section in report, section
+    for png in ("refusal_rate.png", "roc.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and set(rows[0]["probs"]) == set(CATEGORIES) and 0 < rows[0]["respond"] < 1
+    # realised per-category rate of the token's own probability reaches the target
+    probs = np.array([[r["probs"][c] for c in CATEGORIES] for r in rows])
+    for k, c in enumerate(CATEGORIES):
+        own = [i for i, r in enumerate(rows) if r["should_refuse"] and r["category"] == c]
+        if own:
+            assert (probs[own, k] >= th.thresholds[c]).mean() >= 0.5
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_single_scheme_sum_mode_and_limit(tmp_path, capsys):
+    d = tmp_path / "m"
+    _save_tiny(d, ["[refuse]", "[respond]"], seed=1)
+    data = _write_jsonl(tmp_path / "d.jsonl", 16)
+    out = tmp_path / "out"
+    rc = cli.main(["calibrate", "--model", str(d), "--data", str(data), "--max-over-refusal", "0.25", "--mode", "sum",
+                   "--limit", "5", "--device", "cpu", "--no-progress", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    th = load_thresholds(out / "thresholds.json")
+    assert th.mode == "sum" and list(th.thresholds) == ["refuse"]
+    assert th.metadata["prompts"] == 10 and th.metadata["at_thresholds"]["fpr"] <= 0.25
+    assert "Not applicable in `sum` mode" in (out / "report.md").read_text()
+
+
+def test_cli_errors(tmp_path, capsys):
+    base = tmp_path / "base"
+    _save_tiny(base, [])
+    data = _write_jsonl(tmp_path / "d.jsonl")
+    args = ["calibrate", "--model", str(base), "--data", str(data), "--device", "cpu", "--no-progress",
+            "--out", str(tmp_path / "o")]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "no refusal control tokens" in err and "--refusal-tokens" in err
+    # explicit ids make a base model usable (scores of ordinary tokens)
+    assert cli.main(args + ["--refusal-tokens", "5,6", "--respond-token", "7"]) == 0
+    assert set(load_thresholds(tmp_path / "o" / "thresholds.json").thresholds) == {"category_0", "category_1"}
+    capsys.readouterr()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "label": 1}\n{"prompt": "b", "label": "perhaps"}\n')
+    assert cli.main(["calibrate", "--model", str(base), "--data", str(bad), "--out", str(tmp_path / "o2")]) == 1
+    assert f"{bad}:2" in capsys.readouterr().err
+    assert cli.main(args[:-2] + ["--target-rate", "1.5", "--out", str(tmp_path / "o3")]) == 1
+    with pytest.raises(SystemExit):
+        cli.main(["calibrate", "--model", "x", "--data", "y", "--out", "z", "--best-f1", "--target-rate", "0.5"])
