@@ -60,6 +60,24 @@ register(("bench", "sampler"), "fused refusal sampler vs naive PyTorch / CUDA gr
 
 
 # ---------------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------------
+
+def _configure_train(p: argparse.ArgumentParser) -> None:
+    from .train.cli import configure
+    configure(p)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train.cli import run
+    return run(args)
+
+
+register(("train",), "SFT with refusal tokens (control token as the first assistant token; HF checkpoints)",
+         _configure_train, _run_train)
+
+
+# ---------------------------------------------------------------------------------------------------
 # calibrate
 # ---------------------------------------------------------------------------------------------------
 
@@ -94,8 +112,7 @@ def _no_options(p: argparse.ArgumentParser) -> None:
 
 
 for _path, _help in ((("bench", "decode"), "end-to-end decode throughput (not available yet)"),
-                     (("generate",), "generate text with refusal control (not available yet)"),
-                     (("train",), "SFT with refusal tokens (not available yet)")):
+                     (("generate",), "generate text with refusal control (not available yet)")):
     register(_path, _help, _no_options, _not_available(" ".join(_path)))
 
 

@@ -63,8 +63,23 @@ def load_model(name_or_path, *, device=None, dtype=None) -> tuple[Transformer, T
     else:
         args, sd = load_hf_state_dict(path)
         tok = Tokenizer.from_dir(path, eos_ids=find_eos_ids(path))
+        _register_control_tokens(tok, path)
     model = build_model(args, sd, device=device, dtype=dtype, source=str(path))
     return model, tok
+
+
+def _register_control_tokens(tok: Tokenizer, path: Path) -> None:
+    # Checkpoints from rtkern's trainer name their control tokens in rtkern.json; registering them keeps
+    # user text that spells "[refuse]" from tokenizing to the control id.
+    f = path / "rtkern.json"
+    if not f.is_file():
+        return
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+        strings = list(meta["refusal_tokens"]) + ([meta["respond_token"]] if meta.get("respond_token") else [])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{f}: malformed ({e!r})") from e
+    tok.add_control_tokens(strings)
 
 
 def build_model(args: ModelArgs, sd: dict, *, device, dtype, source: str = "checkpoint") -> Transformer:

@@ -1,0 +1,110 @@
+"""rtkern.train.checkpoint: HF-compatible directories (transformers and rtkern load them), atomic
+writes, keep-last-N, trainer state without pickle."""
+import json
+
+import pytest
+import torch
+
+from rtkern.loader import load_model
+from rtkern.spec import RefusalSpec
+from rtkern.train import checkpoint as ck
+from rtkern.train.prepare import add_control_tokens
+from train_utils import make_base, one_thread
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def _prepared(tmp_path, tie, scheme="category"):
+    model, tok = load_model(make_base(tmp_path / "base", tie=tie), device="cpu", dtype=torch.float32)
+    ctrl = add_control_tokens(model, tok, scheme)
+    with torch.no_grad():   # stand-in for training: the new rows must survive the round trip
+        model.embed_tokens.weight[ctrl.respond_id] += 0.3
+        if not tie:
+            model.lm_head.weight[ctrl.refusal_ids[0]] -= 0.2
+    return model, tok, ctrl
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_round_trip_through_transformers_and_rtkern(tmp_path, tie):
+    model, tok, ctrl = _prepared(tmp_path, tie)
+    d = ck.save_checkpoint(tmp_path / "ckpt", model, tok, ctrl)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "rtkern.json", "generation_config.json"} <= \
+        {p.name for p in d.iterdir()}
+    prompt = tok.apply_chat_template([{"role": "user", "content": "who are you really ?"}])
+    x = torch.tensor([prompt + [ctrl.respond_id, ctrl.refusal_ids[2]]])
+    with torch.no_grad():
+        ours = model(x)
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(d), local_files_only=True, dtype=torch.float32).eval()
+    assert hf.config.vocab_size == model.args.vocab_size == 320 and hf.config.tie_word_embeddings == tie
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours, atol=1e-5, rtol=0)
+    hft = transformers.AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    assert hft.convert_tokens_to_ids("[respond]") == ctrl.respond_id
+    assert hft.convert_tokens_to_ids("[Unsupported requests]") == ctrl.refusal_ids[4]
+    assert {"[respond]", "[Humanizing requests]"} <= {t.content for t in hft.added_tokens_decoder.values() if t.special}
+    assert hft.apply_chat_template([{"role": "user", "content": "who are you really ?"}], tokenize=False,
+                                   add_generation_prompt=True) == tok.render_chat(
+        [{"role": "user", "content": "who are you really ?"}])
+
+    m2, t2 = load_model(d, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(m2(x), ours, atol=0, rtol=0)
+    assert (m2.lm_head.weight is m2.embed_tokens.weight) == tie
+    spec = RefusalSpec.from_tokenizer(t2, "category", require_respond=True)
+    assert spec.refusal_ids == ctrl.refusal_ids and spec.respond_id == ctrl.respond_id
+    # the reloaded tokenizer knows its control tokens: text spelling them stays text
+    assert not set(t2.encode("[respond] [Humanizing requests]")) & set(ctrl.refusal_ids + (ctrl.respond_id,))
+    assert ck.load_control_tokens(d) == ctrl
+    meta = json.loads((d / "rtkern.json").read_text())
+    assert meta["scheme"] == "category" and meta["categories"][0] == "Humanizing requests"
+
+
+def test_atomic_replace_and_failed_write_keeps_old(tmp_path, monkeypatch):
+    model, tok, ctrl = _prepared(tmp_path, True, "single")
+    d = ck.save_checkpoint(tmp_path / "out" / "c", model, tok, ctrl, state={"step": 1}, tensors={"x": torch.ones(2)})
+    ck.save_checkpoint(d, model, tok, ctrl, state={"step": 2}, tensors={"x": torch.zeros(2)})
+    assert json.loads((d / ck.STATE_JSON).read_text())["step"] == 2
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(ck, "write_model_files", boom)
+    with pytest.raises(OSError):
+        ck.save_checkpoint(d, model, tok, ctrl, state={"step": 3})
+    assert json.loads((d / ck.STATE_JSON).read_text())["step"] == 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c"]        # no temp dirs left
+
+
+def test_trainer_state_loads_without_pickle(tmp_path):
+    model, tok, ctrl = _prepared(tmp_path, True, "single")
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.tensor([[1, 2, 3]])).sum().backward()
+    opt.step()
+    d = ck.save_checkpoint(tmp_path / "c", model, tok, ctrl, state={"step": 5},
+                           tensors={"optimizer": opt.state_dict(), "rng_cpu": torch.get_rng_state()})
+    state, tensors = ck.load_trainer_state(d)
+    assert state["step"] == 5 and set(tensors) == {"optimizer", "rng_cpu"}
+    opt2 = torch.optim.AdamW(model.parameters())
+    opt2.load_state_dict(tensors["optimizer"])
+    with pytest.raises(FileNotFoundError, match="not a resumable"):
+        ck.load_trainer_state(tmp_path / "base")
+
+
+def test_keep_last_n(tmp_path):
+    for s in (3, 10, 7, 12):
+        p = tmp_path / ck.checkpoint_name(s)
+        p.mkdir()
+        (p / ck.STATE_JSON).write_text("{}")
+    (tmp_path / "checkpoint-0000099").mkdir()          # incomplete: ignored, never counted
+    (tmp_path / "final").mkdir()
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == [ck.checkpoint_name(s) for s in (3, 7, 10, 12)]
+    gone = ck.prune_checkpoints(tmp_path, 2)
+    assert [p.name for p in gone] == [ck.checkpoint_name(3), ck.checkpoint_name(7)]
+    assert ck.latest_checkpoint(tmp_path).name == ck.checkpoint_name(12)
+    assert (tmp_path / "final").is_dir() and ck.prune_checkpoints(tmp_path, 0) == []

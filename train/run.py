@@ -1,0 +1,75 @@
+"""Build a whole run from a `TrainConfig`: base model (or checkpoint to resume), control tokens, data,
+trainer."""
+from __future__ import annotations
+
+import collections
+import logging
+from pathlib import Path
+
+import torch
+
+from ..loader import load_model
+from .checkpoint import latest_checkpoint, load_control_tokens
+from .config import TrainConfig
+from .data import build_examples, load_data
+from .prepare import add_control_tokens
+from .trainer import DistInfo, Trainer, init_distributed
+
+log = logging.getLogger("rtkern.train")
+
+
+def resolve_resume(cfg: TrainConfig) -> Path | None:
+    """The checkpoint to resume from: ``cfg.resume`` as a path, or ``"auto"`` = newest in ``cfg.out``."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        return latest_checkpoint(cfg.out)
+    p = Path(cfg.resume)
+    if not p.is_dir():
+        raise FileNotFoundError(f"resume: {p} is not a checkpoint directory")
+    return p
+
+
+def training_device(cfg: TrainConfig, dist_info: DistInfo) -> torch.device:
+    if cfg.device:
+        dev = torch.device(cfg.device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", dist_info.local_rank)
+        return dev
+    return torch.device("cuda", dist_info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def build_trainer(cfg: TrainConfig, dist_info: DistInfo | None = None) -> Trainer:
+    """Load the base (or the checkpoint to resume), add control tokens, read and tokenize the data.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+    dist_info : DistInfo, optional
+        Default: `init_distributed` (torchrun's environment, else a single process).
+    """
+    if not cfg.data:
+        raise ValueError("no training data: pass --data (a folder laid out like shared/data, or files)")
+    dist_info = dist_info or init_distributed(cfg.device)
+    device = training_device(cfg, dist_info)
+    resume = resolve_resume(cfg)
+    if resume is not None:
+        model, tok = load_model(resume, device=device, dtype=torch.float32)
+        control = load_control_tokens(resume)
+        if control.scheme != cfg.scheme:
+            raise ValueError(f"{resume} was trained with scheme {control.scheme!r}, config says {cfg.scheme!r}")
+        tok.add_control_tokens(list(control.refusal_tokens) + [control.respond_token])
+        log.info("resuming from %s", resume)
+    else:
+        model, tok = load_model(cfg.base, device=device, dtype=torch.float32)
+        control = add_control_tokens(model, tok, cfg.scheme)
+    records = load_data(cfg.data)
+    examples = build_examples(tok, records, control, max_len=cfg.seq_len)
+    if dist_info.is_main:
+        counts = collections.Counter(e.pool for e in examples)
+        log.info("%d examples (%s), %d tokens, %d trained", len(examples), dict(counts),
+                 sum(len(e.ids) for e in examples), sum(len(e.ids) - e.n_prompt for e in examples))
+    trainer = Trainer(cfg, model, tok, control, examples, dist_info=dist_info)
+    if resume is not None:
+        trainer.load_state(resume)
+    return trainer

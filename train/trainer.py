@@ -1,0 +1,362 @@
+"""The SFT training loop: completion-only chunked loss, AdamW, warmup + cosine, accumulation normalised
+by the target tokens of the whole step, DDP under torchrun, checkpoints with exact resume."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .batching import Batch, RowStream, collate, count_targets, parse_mix
+from .checkpoint import checkpoint_name, load_trainer_state, prune_checkpoints, save_checkpoint
+from .config import TrainConfig
+from .loss import chunked_cross_entropy
+from .metrics import MetricsLog, peak_memory_gb, plot_loss
+
+log = logging.getLogger("rtkern.train")
+
+
+# -- distributed -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DistInfo:
+    """Rank and world size of this process (1 process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str | None = None) -> DistInfo:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1); a single process otherwise.
+
+    NCCL when the device is CUDA, gloo on CPU. Each rank uses ``cuda:LOCAL_RANK``.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return DistInfo(rank, world, local)
+
+
+# -- schedule and optimizer ------------------------------------------------------------------------
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warmup to ``cfg.lr``, then cosine decay to ``cfg.lr * cfg.min_lr_ratio`` at ``total_steps``."""
+    warm = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_ratio * total_steps))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    span = max(1, total_steps - warm)
+    t = min(1.0, (step - warm) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, 1-D parameters (norm weights, biases) do not."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():      # named_parameters de-duplicates a tied head
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+
+
+# -- the loss module -------------------------------------------------------------------------------
+class SFTModule(nn.Module):
+    """Transformer + chunked completion-only loss in one forward, so DDP sees every parameter's use."""
+
+    def __init__(self, model: nn.Module, ce_chunk: int = 1024):
+        super().__init__()
+        self.model, self.ce_chunk = model, ce_chunk
+
+    def forward(self, tokens, positions, attn_mask, target_index, targets) -> torch.Tensor:
+        """Summed cross-entropy over the target positions (divide by the step's target count)."""
+        h = self.model(tokens, positions, attn_mask=attn_mask, return_hidden=True)
+        h = h.reshape(-1, h.shape[-1]).index_select(0, target_index)
+        return chunked_cross_entropy(h, self.model.lm_head.weight, targets, chunk=self.ce_chunk)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward (parameter names are unchanged)."""
+    from torch.utils.checkpoint import checkpoint
+    for layer in model.layers:
+        if not getattr(layer, "_rtkern_ckpt", False):
+            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+            layer._rtkern_ckpt = True
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """``torch.compile`` each block in place (regional: fast to compile, names unchanged)."""
+    for layer in model.layers:
+        layer.compile()
+
+
+# -- the trainer -----------------------------------------------------------------------------------
+class Trainer:
+    """Runs SFT on tokenized examples.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+    model : rtkern.model.Transformer
+        Float32 master weights on the training device; control tokens already added.
+    tokenizer : rtkern.tokenizer.Tokenizer
+    control : rtkern.train.prepare.ControlTokens
+    examples : list of rtkern.train.data.Example
+    dist_info : DistInfo, optional
+        Under torchrun, from `init_distributed`.
+    """
+
+    def __init__(self, cfg: TrainConfig, model, tokenizer, control, examples, *, dist_info: DistInfo | None = None):
+        self.cfg, self.model, self.tokenizer, self.control = cfg, model, tokenizer, control
+        self.dist = dist_info or DistInfo()
+        self.device = next(model.parameters()).device
+        self.out = Path(cfg.out)
+        torch.manual_seed(cfg.seed)
+        self.stream = RowStream(examples, seq_len=cfg.seq_len, packing=cfg.packing, mix=parse_mix(cfg.mix),
+                                epoch_examples=cfg.epoch_examples, seed=cfg.seed)
+        self.rows_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world
+        self.rows_per_epoch = len(self.stream.rows(0))
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.rows_per_epoch / self.rows_per_step))
+        self.step = 0
+        self.losses: list[tuple[int, float]] = []
+        self.autocast_dtype = _autocast_dtype(cfg.dtype, self.device)
+        model.train()
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        if cfg.compile:
+            compile_blocks(model)
+        self.module = SFTModule(model, cfg.ce_chunk)
+        self.ddp = None
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DDP(self.module, device_ids=ids)
+        self.optimizer = build_optimizer(model, cfg)
+        self._stop_signal: int | None = None
+
+    # -- state ---------------------------------------------------------------------------------
+    def state(self) -> tuple[dict, dict]:
+        """(JSON state, tensors) for a resumable checkpoint."""
+        st = {"step": self.step, "total_steps": self.total_steps, "data": self.stream.state_dict(),
+              "world_size": self.dist.world, "config": self.cfg.to_dict(), "control": self.control.to_json()}
+        tensors = {"optimizer": self.optimizer.state_dict(), "rng_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            tensors["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        return st, tensors
+
+    def load_state(self, path) -> None:
+        """Restore optimizer, RNG, step and data position from a checkpoint written by `save`.
+
+        The model weights come from the same checkpoint (load them before building the trainer).
+        """
+        st, tensors = load_trainer_state(path)
+        if st.get("world_size", 1) * self.cfg.batch_size * self.cfg.grad_accum != self.rows_per_step:
+            log.warning("resuming with a different global batch (%s ranks then, %s now)",
+                        st.get("world_size"), self.dist.world)
+        self.optimizer.load_state_dict(tensors["optimizer"])
+        torch.set_rng_state(tensors["rng_cpu"])
+        if "rng_cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng_cuda"], self.device)
+        self.stream.load_state_dict(st["data"])
+        self.step = int(st["step"])
+        self.total_steps = self.cfg.max_steps or int(st.get("total_steps", self.total_steps))
+
+    def save(self, *, final: bool = False) -> Path:
+        """Checkpoint (rank 0 writes, others wait). ``final``: the model only, in ``out/final``."""
+        path = self.out / ("final" if final else checkpoint_name(self.step))
+        if self.dist.is_main:
+            st, tensors = (None, None) if final else self.state()
+            save_checkpoint(path, self.model, self.tokenizer, self.control, state=st, tensors=tensors)
+            if not final:
+                prune_checkpoints(self.out, self.cfg.keep_last)
+        if self.dist.world > 1:
+            dist.barrier()
+        return path
+
+    # -- one optimizer step --------------------------------------------------------------------
+    def micro_batches(self, rows) -> list[Batch]:
+        """This rank's micro-batches of a step's rows.
+
+        Rows are sorted by length (less padding), cut into ``batch_size`` groups, and dealt round-robin to
+        the ranks; the union over ranks is the whole step whatever the world size.
+        """
+        order = sorted(range(len(rows)), key=lambda i: -sum(len(e.ids) for e in rows[i]))
+        srt = [rows[i] for i in order]
+        bs = self.cfg.batch_size
+        groups = [srt[i:i + bs] for i in range(0, len(srt), bs)]
+        mine = groups[self.dist.rank::self.dist.world]
+        return [collate(g, packed=self.cfg.packing, pad_multiple=self.cfg.pad_multiple) for g in mine]
+
+    def train_step(self, rows) -> tuple[torch.Tensor, float, int, int]:
+        """Forward/backward over the step's rows, clip, AdamW update.
+
+        Returns (summed loss of this rank's micro-batches, grad norm, global target tokens, global tokens).
+        """
+        lr = lr_at(self.step, self.cfg, self.total_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        loss_sum, n_targets, n_tokens = self.forward_backward(rows)
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss_sum, grad_norm, n_targets, n_tokens
+
+    def forward_backward(self, rows) -> tuple[torch.Tensor, int, int]:
+        """Accumulate into ``.grad`` the gradient of (summed loss over the step) / (step's target tokens).
+
+        Returns (summed loss of this rank's micro-batches, global target tokens, global tokens).
+        """
+        n_targets = count_targets(rows)
+        n_tokens = sum(len(e.ids) for r in rows for e in r)
+        batches = self.micro_batches(rows)
+        # DDP averages gradients over ranks; scaling by world makes the result sum/n_targets overall.
+        scale = self.dist.world / n_targets
+        loss_sum = torch.zeros((), device=self.device)
+        runner = self.ddp or self.module
+        for i, b in enumerate(batches):
+            b = b.to(self.device)
+            sync = self.ddp is None or i == len(batches) - 1
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                with self._autocast():
+                    loss = runner(b.tokens, b.positions, b.attn_mask, b.target_index, b.targets)
+                (loss * scale).backward()
+            loss_sum += loss.detach()
+        return loss_sum, n_targets, n_tokens
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train(self) -> dict:
+        """Train to ``total_steps`` (or until SIGTERM/SIGINT, which saves a resumable checkpoint).
+
+        Returns
+        -------
+        dict
+            ``status`` (``"completed"`` or ``"interrupted"``), ``step``, ``path`` (final directory or
+            checkpoint), ``losses`` (``[(step, loss)]`` at the logged steps).
+        """
+        cfg = self.cfg
+        metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step) if self.dist.is_main else None
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "train_config.json").write_text(_json(self.cfg.to_dict()), encoding="utf-8")
+        restore = self._install_signal_handlers()
+        bar = _progress(self.total_steps, self.step, enabled=cfg.progress and self.dist.is_main)
+        t_last, tok_acc, loss_acc, tgt_acc = time.perf_counter(), 0, None, 0
+        status, path = "completed", None
+        try:
+            while self.step < self.total_steps:
+                rows = self.stream.take(self.rows_per_step)
+                loss_sum, grad_norm, n_tgt, n_tok = self.train_step(rows)
+                loss_acc = loss_sum if loss_acc is None else loss_acc + loss_sum
+                tok_acc, tgt_acc = tok_acc + n_tok, tgt_acc + n_tgt
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    rec = self._log(metrics, bar, loss_acc, tgt_acc, grad_norm, tok_acc, time.perf_counter() - t_last)
+                    t_last, tok_acc, loss_acc, tgt_acc = time.perf_counter(), 0, None, 0
+                    self.losses.append((self.step, rec["loss"]))
+                if bar is not None:
+                    bar.update(1)
+                if self._should_stop():
+                    path = self.save()
+                    status = "interrupted"
+                    break
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                    self.save()
+            if status == "completed":
+                path = self.save(final=True)
+        finally:
+            if bar is not None:
+                bar.close()
+            restore()
+        if self.dist.is_main and cfg.plot and status == "completed":
+            plot_loss(self.out / "metrics.jsonl", self.out / "loss.png", title=f"rtkern train ({cfg.base})")
+        return {"status": status, "step": self.step, "path": str(path), "losses": list(self.losses)}
+
+    def _log(self, metrics, bar, loss_acc, n_tgt, grad_norm, n_tok, dt) -> dict:
+        loss = loss_acc.detach().clone()
+        if self.dist.world > 1:
+            dist.all_reduce(loss)
+        rec = {"step": self.step, "epoch": round(self.stream.epoch + self.stream.cursor / self.rows_per_epoch, 4),
+               "loss": float(loss) / n_tgt, "lr": self.optimizer.param_groups[0]["lr"],
+               "grad_norm": float(grad_norm), "tokens": n_tok, "target_tokens": n_tgt,
+               "tokens_per_s": n_tok / max(dt, 1e-9), "peak_mem_gb": round(peak_memory_gb(self.device), 3)}
+        if metrics is not None:
+            metrics.write(rec)
+        if bar is not None:
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        return rec
+
+    # -- interruption --------------------------------------------------------------------------
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Ask the loop to save a checkpoint and stop after the current step."""
+        self._stop_signal = signum
+
+    def _should_stop(self) -> bool:
+        flag = self._stop_signal is not None
+        if self.dist.world > 1:      # every rank must agree, or the next collective hangs
+            t = torch.tensor([int(flag)], device=self.device if self.device.type == "cuda" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
+
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {}
+
+        def handler(signum, frame):
+            log.warning("signal %d: saving a checkpoint after this step (send again to abort)", signum)
+            self.request_stop(signum)
+            signal.signal(signum, previous[signum])      # a second signal acts as usual
+
+        for s in (signal.SIGTERM, signal.SIGINT):
+            previous[s] = signal.signal(s, handler)
+
+        def restore():
+            for s, h in previous.items():
+                signal.signal(s, h)
+        return restore
+
+
+def _autocast_dtype(name: str, device: torch.device):
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp32": None}[name]
+
+
+def _progress(total: int, initial: int, *, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _json(obj) -> str:
+    import json
+    return json.dumps(obj, indent=2) + "\n"
