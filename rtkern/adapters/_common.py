@@ -1,0 +1,96 @@
+"""Argument handling shared by the adapters: per-category values given by name, modes given by name.
+
+Thresholds reach the adapters from users and from calibration files, where a mapping from category
+name to value is the natural form (``{"Humanizing requests": 1.1}`` switches one category off). These
+helpers turn every accepted form into what `RefusalControls.build` takes, with errors that name the
+argument and the spec's categories.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from numbers import Real
+from typing import Union
+
+import torch
+
+from ..spec import MODES, RefusalSpec
+
+PerCategory = Union[float, int, Sequence, Mapping, torch.Tensor]
+
+
+def real_number(name: str, v) -> float:
+    """``v`` as a float; TypeError for anything but a real number (bool included)."""
+    # bool is an int subclass; True as a threshold is almost certainly a mistake.
+    if isinstance(v, bool) or not isinstance(v, Real):
+        raise TypeError(f"{name} values must be real numbers, got {v!r} ({type(v).__name__})")
+    return float(v)
+
+
+def per_category(name: str, value: PerCategory, spec: RefusalSpec, default: float
+                 ) -> Union[float, torch.Tensor]:
+    """Normalise a per-category control to a float or a float32 tensor ``[C]`` / ``[B, C]``.
+
+    Parameters
+    ----------
+    name : str
+        Argument name, for error messages.
+    value : float | sequence | mapping | torch.Tensor
+        A scalar (every category), a length-C sequence, a ``[C]`` or ``[B, C]`` tensor, or a mapping
+        from category name (``spec.names``) or index to value. Categories a mapping leaves out get
+        ``default``.
+    spec : RefusalSpec
+        Supplies C and the category names.
+    default : float
+        Value for categories a mapping does not mention.
+
+    Returns
+    -------
+    float or torch.Tensor
+        A float, or a float32 CPU tensor of shape ``[C]`` or ``[B, C]`` (shape checked by the caller
+        through `RefusalControls.build`).
+    """
+    C = spec.num_categories
+    if isinstance(value, Mapping):
+        out = [float(default)] * C
+        for key, v in value.items():
+            out[category_index(name, key, spec)] = real_number(name, v)
+        return torch.tensor(out, dtype=torch.float32)
+    if isinstance(value, torch.Tensor):
+        if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name} must be a real-valued tensor, got {value.dtype}")
+        return value.detach().to(device="cpu", dtype=torch.float32)
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a number, a sequence, a mapping or a tensor, got a string")
+    if isinstance(value, Sequence):
+        rows = [list(r) if isinstance(r, Sequence) and not isinstance(r, (str, bytes)) else r for r in value]
+        if rows and all(isinstance(r, list) for r in rows):
+            return torch.tensor([[real_number(name, v) for v in r] for r in rows], dtype=torch.float32)
+        return torch.tensor([real_number(name, v) for v in rows], dtype=torch.float32)
+    return real_number(name, value)
+
+
+def category_index(name: str, key, spec: RefusalSpec) -> int:
+    """Index of a category given by name (one of ``spec.names``) or by index."""
+    if isinstance(key, str):
+        if key not in spec.names:
+            raise ValueError(f"{name}: unknown category {key!r}; the model's categories are {list(spec.names)}")
+        return spec.names.index(key)
+    if isinstance(key, int) and not isinstance(key, bool):
+        if not 0 <= key < spec.num_categories:
+            raise ValueError(f"{name}: category index {key} is out of range for {spec.num_categories} categories")
+        return key
+    raise TypeError(f"{name}: mapping keys must be category names or indices, got {key!r}")
+
+
+def per_row_modes(mode) -> Union[str, list[str]]:
+    """Validate ``mode``: one of ``MODES`` for every row, or a sequence of them (one per row)."""
+    if isinstance(mode, str):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+        return mode
+    if isinstance(mode, Sequence) and not isinstance(mode, bytes) and len(mode) > 0:
+        bad = [m for m in mode if not isinstance(m, str) or m not in MODES]
+        if bad:
+            raise ValueError(f"mode must be one of {list(MODES)} (per row), got {bad[0]!r}")
+        return list(mode)
+    raise TypeError(f"mode must be a string or a non-empty sequence of strings, got {mode!r}")

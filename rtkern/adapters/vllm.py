@@ -1,0 +1,457 @@
+"""Refusal-token control as a vLLM v1 logits processor (optional: vLLM is imported only if installed).
+
+Interface implemented
+---------------------
+``vllm.v1.sample.logits_processor.LogitsProcessor``, the batch-level logits-processor interface of
+vLLM's V1 model runner (documented in vLLM's "Custom Logits Processors" guide):
+
+- ``__init__(vllm_config, device, is_pin_memory)``: called once by the engine at start-up;
+- ``validate_params(cls, sampling_params)`` (classmethod): rejects bad per-request arguments at the
+  entrypoint with ValueError;
+- ``is_argmax_invariant() -> bool``: False here (the processor forces tokens, so it changes greedy
+  results too);
+- ``update_state(batch_update)``: before each step, ``batch_update`` is None or a ``BatchUpdate`` with
+  ``batch_size``, ``removed`` (row indices), ``added`` (``(index, SamplingParams, prompt_tok_ids,
+  output_tok_ids)`` tuples, ``output_tok_ids`` being the request's live output list) and ``moved``
+  (``(i, j, MoveDirectionality.UNIDIRECTIONAL | SWAP)``), to be processed in that order;
+- ``apply(logits) -> logits``: ``[num_requests, V]`` logits, one row per persistent-batch row; may
+  modify in place.
+
+A row is at its first generated position while its ``output_tok_ids`` is empty. There the processor
+takes the refusal decision with `rtkern.apply_refusal_` (the fused Triton kernel on CUDA); everywhere
+else it sets the control tokens to -inf. vLLM rejects custom logits processors under speculative
+decoding. Newer vLLM releases default to "Model Runner V2", whose custom logits processors use a
+different interface; there select the V1 runner (``VLLM_USE_V2_MODEL_RUNNER=0``) to use this adapter.
+
+Registering
+-----------
+With the defaults (spec found in the model's tokenizer, category scheme first, thresholds 0.5)::
+
+    from vllm import LLM, SamplingParams
+    llm = LLM("path/to/refusal-model", logits_processors=["rtkern.adapters.vllm:RefusalLogitsProcessor"])
+    # or: vllm serve path/to/refusal-model --logits-processors rtkern.adapters.vllm:RefusalLogitsProcessor
+
+With an explicit spec or other defaults (offline ``LLM`` takes the class object)::
+
+    from rtkern.adapters.vllm import make_logits_processor
+    proc = make_logits_processor(spec, thresholds={"Humanizing requests": 1.1})
+    llm = LLM("path/to/refusal-model", logits_processors=[proc])
+
+Per request, through ``SamplingParams.extra_args`` (``vllm_xargs`` in the OpenAI-compatible server)::
+
+    SamplingParams(extra_args={"refusal_thresholds": {"Requests with safety concerns": 0.2},
+                               "refusal_mode": "category", "refusal_logit_bias": 0.0})
+
+``refusal_thresholds`` / ``refusal_logit_bias`` take a number, a list of C numbers, or a mapping from
+category name (or index) to number; categories left out keep the processor's defaults.
+``refusal_mode`` is ``"category"``, ``"sum"`` or ``"free"``. The decision is visible in the output as
+the first token (the refusal token of the chosen category, or ``[respond]``); the probabilities are
+the first token's raw log-probabilities (``logprobs`` with ``logprobs_mode="raw_logprobs"``).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ..sampler import apply_refusal_
+from ..spec import CATEGORIES, MODES, RefusalControls, RefusalSpec, SampleOutput
+from ._common import PerCategory, category_index, per_category, per_row_modes, real_number
+
+try:  # vLLM's import can fail in more ways than ImportError (CUDA set-up, version skew)
+    from vllm.v1.sample.logits_processor import LogitsProcessor as _VLLMBase
+    HAVE_VLLM = True
+    _VLLM_IMPORT_ERROR: Optional[BaseException] = None
+except Exception as e:  # noqa: BLE001 - recorded and re-raised, with context, on construction
+    _VLLMBase = object
+    HAVE_VLLM = False
+    _VLLM_IMPORT_ERROR = e
+
+__all__ = ["RefusalLogitsProcessor", "RefusalBatchState", "make_logits_processor", "request_controls",
+           "HAVE_VLLM", "EXTRA_ARGS"]
+
+log = logging.getLogger(__name__)
+
+EXTRA_ARGS = ("refusal_thresholds", "refusal_mode", "refusal_logit_bias")
+"""``SamplingParams.extra_args`` keys this processor reads."""
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Category names that a spec found in a tokenizer can have (both schemes), for entrypoint validation.
+_DISCOVERABLE_NAMES = frozenset(CATEGORIES) | {"refuse"}
+
+
+@dataclass
+class _Request:
+    thresholds: list[float]       # [C]
+    logit_bias: list[float]       # [C]
+    mode: int                     # MODES code
+    output_ids: Sequence[int]     # vLLM's live list of generated tokens
+
+
+def request_controls(spec: RefusalSpec, extra_args: Optional[Mapping[str, Any]], *,
+                     thresholds: PerCategory = 0.5, mode: str = "category",
+                     logit_bias: PerCategory = 0.0) -> tuple[list[float], list[float], int]:
+    """Resolve one request's controls from its ``extra_args`` over the processor's defaults.
+
+    Parameters
+    ----------
+    spec : RefusalSpec
+        C categories and their names.
+    extra_args : mapping or None
+        ``SamplingParams.extra_args``; keys in `EXTRA_ARGS` are read, other keys ignored.
+    thresholds, mode, logit_bias
+        The processor's defaults (same forms as the request values).
+
+    Returns
+    -------
+    (thresholds, logit_bias, mode)
+        Two lists of C floats and a mode code (0 category, 1 sum, 2 free).
+
+    Raises
+    ------
+    ValueError, TypeError
+        On unknown categories, a wrong number of values, NaN or negative thresholds, unknown modes.
+    """
+    if extra_args is not None and not isinstance(extra_args, Mapping):
+        raise TypeError(f"extra_args must be a mapping, got {type(extra_args).__name__}")
+    args = dict(extra_args or {})
+    C = spec.num_categories
+    base_thr = _row(per_category("thresholds", thresholds, spec, 0.5), C, "thresholds")
+    base_bias = _row(per_category("logit_bias", logit_bias, spec, 0.0), C, "logit_bias")
+    thr = _overlay("refusal_thresholds", args.get("refusal_thresholds"), spec, base_thr)
+    bias = _overlay("refusal_logit_bias", args.get("refusal_logit_bias"), spec, base_bias)
+    m = args.get("refusal_mode", mode)
+    if not isinstance(m, str):
+        raise TypeError(f"refusal_mode must be a string, got {m!r}")
+    per_row_modes(m)
+    # Value checks (NaN, negative thresholds, non-finite bias) exactly as the sampler's own controls.
+    RefusalControls.build(1, C, "cpu", thresholds=torch.tensor(thr), logit_bias=torch.tensor(bias), mode=m)
+    return thr, bias, MODES[m]
+
+
+def _row(value, C: int, name: str) -> list[float]:
+    if isinstance(value, float):
+        return [value] * C
+    if value.dim() == 2 and value.shape[0] == 1:
+        value = value[0]
+    if value.shape != (C,):
+        raise ValueError(f"{name} must be a number, {C} numbers or a mapping by category, got shape "
+                         f"{list(value.shape)}")
+    return [float(v) for v in value.tolist()]
+
+
+def _overlay(name: str, value, spec: RefusalSpec, base: list[float]) -> list[float]:
+    if value is None:
+        return list(base)
+    if isinstance(value, Mapping):
+        out = list(base)
+        for key, v in value.items():
+            out[category_index(name, key, spec)] = real_number(name, v)
+        return out
+    return _row(per_category(name, value, spec, 0.0), spec.num_categories, name)
+
+
+class RefusalBatchState:
+    """Per-row refusal controls of a vLLM persistent batch, and what they do to a logits tensor.
+
+    The vLLM-independent core of `RefusalLogitsProcessor`: it reads only the documented fields of
+    ``BatchUpdate`` and ``SamplingParams.extra_args``, so it can be driven (and tested) without vLLM.
+
+    Parameters
+    ----------
+    spec : RefusalSpec
+        The model's control tokens.
+    thresholds, mode, logit_bias
+        Defaults for requests whose ``extra_args`` do not set them.
+    device : torch.device
+        Where the logits live.
+    pin_memory : bool
+        Stage host-to-device copies of per-row controls through pinned memory.
+    backend : {"triton", "torch", None}
+        Passed to `apply_refusal_`.
+
+    Attributes
+    ----------
+    last_rows : torch.Tensor or None
+        int64 ``[F]``: rows that were at their first generated position in the latest `apply`.
+    last_output : SampleOutput or None
+        `apply_refusal_`'s result for those rows (``refusal_probs [F, C]``, ``refused [F]``, ...).
+    """
+
+    def __init__(self, spec: RefusalSpec, *, thresholds: PerCategory = 0.5, mode: str = "category",
+                 logit_bias: PerCategory = 0.0, device=None, pin_memory: bool = False,
+                 backend: Optional[str] = None) -> None:
+        if not isinstance(spec, RefusalSpec):
+            raise TypeError(f"spec must be a RefusalSpec, got {type(spec).__name__}")
+        if not isinstance(mode, str):
+            raise TypeError(f"mode must be one string for the processor's default, got {mode!r}")
+        if backend not in (None, "torch", "triton"):
+            raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+        self.spec = spec
+        self.defaults = dict(thresholds=thresholds, mode=mode, logit_bias=logit_bias)
+        request_controls(spec, None, **self.defaults)  # reject bad defaults now, not at the first request
+        self.device = torch.device(device if device is not None else "cpu")
+        self.pin_memory = bool(pin_memory) and self.device.type == "cuda"
+        self.backend = backend
+        self.requests: dict[int, _Request] = {}
+        self._waiting: set[int] = set()   # rows that may still be at their first position
+        self._ids = torch.tensor(spec.control_ids, dtype=torch.long, device=self.device)
+        self.last_rows: Optional[torch.Tensor] = None
+        self.last_output: Optional[SampleOutput] = None
+
+    # -- batch bookkeeping ---------------------------------------------------------------------------
+    def add(self, index: int, params, output_ids: Sequence[int]) -> None:
+        """Track the request now at row ``index`` (``params``: its SamplingParams, or None)."""
+        self.remove(index)
+        if params is None:  # not a sampling request: its row stays untracked (control tokens masked)
+            return
+        try:
+            thr, bias, mode = request_controls(self.spec, getattr(params, "extra_args", None), **self.defaults)
+        except (TypeError, ValueError) as e:
+            # validate_params normally rejects these at the entrypoint; raising inside the engine
+            # would take every other request down with this one.
+            log.warning("rtkern refusal processor: ignoring bad refusal arguments of row %d (%s); "
+                        "using the defaults", index, e)
+            thr, bias, mode = request_controls(self.spec, None, **self.defaults)
+        self.requests[index] = _Request(thr, bias, mode, output_ids)
+        if len(output_ids) == 0:
+            self._waiting.add(index)
+
+    def remove(self, index: int) -> None:
+        self.requests.pop(index, None)
+        self._waiting.discard(index)
+
+    def move(self, src: int, dst: int, swap: bool) -> None:
+        a, b = self.requests.pop(src, None), self.requests.pop(dst, None)
+        wa, wb = src in self._waiting, dst in self._waiting
+        self._waiting.discard(src)
+        self._waiting.discard(dst)
+        if a is not None:
+            self.requests[dst] = a
+            if wa:
+                self._waiting.add(dst)
+        if swap and b is not None:
+            self.requests[src] = b
+            if wb:
+                self._waiting.add(src)
+
+    def update(self, batch_update) -> None:
+        """Apply a vLLM ``BatchUpdate`` (or None: no change): removed, then added, then moved."""
+        if batch_update is None:
+            return
+        for index in batch_update.removed:
+            self.remove(int(index))
+        for item in batch_update.added:
+            index, params, output_ids = _unpack_added(item)
+            self.add(index, params, output_ids)
+        for item in batch_update.moved:
+            src, dst, direction = item
+            self.move(int(src), int(dst), _is_swap(direction))
+
+    # -- logits ----------------------------------------------------------------------------------------
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """Refusal decision on first-position rows, control tokens masked on every other row.
+
+        Parameters
+        ----------
+        logits : float [R, V]
+            One row per persistent-batch row; modified in place and returned.
+        """
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+            raise TypeError(f"logits must be a floating [R, V] tensor, got "
+                            f"{getattr(logits, 'dtype', type(logits).__name__)} {list(getattr(logits, 'shape', []))}")
+        R = logits.shape[0]
+        first = sorted(i for i in self._waiting if i < R and len(self.requests[i].output_ids) == 0)
+        # Once a row has an output token it never returns to its first position (until re-added).
+        self._waiting = {i for i in self._waiting if len(self.requests[i].output_ids) == 0}
+        ids = self._ids if self._ids.device == logits.device else self._ids.to(logits.device)
+        if not first:
+            self.last_rows, self.last_output = None, None
+            return logits.index_fill_(1, ids, float("-inf"))
+        rows = self._host([first], torch.int64, logits.device)[0]
+        sub = logits.index_select(0, rows)  # unmasked copy: the decision needs the full distribution
+        logits.index_fill_(1, ids, float("-inf"))
+        if sub.dtype not in _KERNEL_DTYPES:
+            sub = sub.float()
+        res = apply_refusal_(sub, self.spec, self._controls(first, logits.device), backend=self.backend)
+        logits.index_copy_(0, rows, sub.to(logits.dtype))
+        self.last_rows, self.last_output = rows, res
+        return logits
+
+    def _controls(self, rows: list[int], device) -> RefusalControls:
+        reqs = [self.requests[i] for i in rows]
+        F = len(rows)
+        thr, bias = self._host([[r.thresholds for r in reqs], [r.logit_bias for r in reqs]], torch.float32, device)
+        mode = self._host([[r.mode for r in reqs]], torch.int32, device)[0]
+        zeros = torch.zeros(F, dtype=torch.int64, device=device)
+        return RefusalControls(thresholds=thr, logit_bias=bias, mode=mode,
+                               temperature=torch.ones(F, device=device),
+                               first_step=torch.ones(F, dtype=torch.bool, device=device),
+                               seed=zeros, position=zeros.clone())
+
+    def _host(self, values: list, dtype: torch.dtype, device) -> list[torch.Tensor]:
+        out = []
+        for v in values:
+            t = torch.tensor(v, dtype=dtype)
+            if self.pin_memory and torch.device(device).type == "cuda":
+                out.append(t.pin_memory().to(device, non_blocking=True))
+            else:
+                out.append(t.to(device))
+        return out
+
+
+def _unpack_added(item) -> tuple[int, Any, Sequence[int]]:
+    # vLLM >= 0.10.2 documents (index, params, prompt_tok_ids, output_tok_ids); 0.10.0/0.10.1 had
+    # (prompt_tok_ids, index, params, output_tok_ids). The index is the int among the first two.
+    if len(item) == 4:
+        if isinstance(item[0], int) and not isinstance(item[0], bool):
+            index, params, _, out = item
+        elif isinstance(item[1], int) and not isinstance(item[1], bool):
+            _, index, params, out = item
+        else:
+            raise TypeError(f"unrecognised BatchUpdate.added entry {item!r}")
+        return int(index), params, out
+    raise TypeError(f"BatchUpdate.added entries must be (index, params, prompt_tok_ids, output_tok_ids), "
+                    f"got {len(item)} fields")
+
+
+def _is_swap(direction) -> bool:
+    # Compared by name: vLLM's MoveDirectionality values changed (0/1, then auto()) across releases.
+    return getattr(direction, "name", str(direction)).upper().endswith("SWAP")
+
+
+def _spec_from_vllm_config(vllm_config, scheme: Optional[str]) -> RefusalSpec:
+    mc = getattr(vllm_config, "model_config", None)
+    path = getattr(mc, "tokenizer", None) or getattr(mc, "model", None)
+    if not path:
+        raise ValueError("cannot find the model's tokenizer in vllm_config.model_config; pass the spec "
+                         "with rtkern.adapters.vllm.make_logits_processor(spec)")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, revision=getattr(mc, "tokenizer_revision", None),
+                                        local_files_only=True, trust_remote_code=False)
+    errors = []
+    for s in ([scheme] if scheme else ["category", "single"]):
+        try:
+            return RefusalSpec.from_tokenizer(tok, s)
+        except ValueError as e:
+            errors.append(str(e))
+    raise ValueError(f"the tokenizer at {path} has no refusal control tokens ({'; '.join(errors)}); pass "
+                     f"the spec with rtkern.adapters.vllm.make_logits_processor(spec)")
+
+
+class RefusalLogitsProcessor(_VLLMBase):
+    """vLLM v1 logits processor applying rtkern's refusal decision (see the module docstring).
+
+    Class attributes (set them with `make_logits_processor`): ``spec`` (None: found in the model's
+    tokenizer), ``scheme`` (for that search: ``"category"``, ``"single"`` or None for both),
+    ``thresholds``, ``mode``, ``logit_bias`` (defaults for requests that do not set them) and
+    ``backend``.
+    """
+
+    spec: Optional[RefusalSpec] = None
+    scheme: Optional[str] = None
+    thresholds: PerCategory = 0.5
+    mode: str = "category"
+    logit_bias: PerCategory = 0.0
+    backend: Optional[str] = None
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        """Reject bad ``refusal_*`` extra arguments at the entrypoint (ValueError)."""
+        extra = getattr(sampling_params, "extra_args", None)
+        if not extra:
+            return
+        if not isinstance(extra, Mapping):
+            raise ValueError(f"extra_args must be a mapping, got {type(extra).__name__}")
+        unknown = [k for k in extra if isinstance(k, str) and k.startswith("refusal_") and k not in EXTRA_ARGS]
+        if unknown:
+            raise ValueError(f"unknown refusal argument {unknown[0]!r}; known: {list(EXTRA_ARGS)}")
+        try:
+            if cls.spec is not None:
+                request_controls(cls.spec, extra, thresholds=cls.thresholds, mode=cls.mode,
+                                 logit_bias=cls.logit_bias)
+            else:
+                # The spec is found per engine; here only the names and sizes it can have are known.
+                request_controls(_validation_spec(extra), extra, mode=cls.mode)
+        except TypeError as e:
+            raise ValueError(str(e)) from e
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
+        if not HAVE_VLLM:
+            raise ImportError("rtkern.adapters.vllm.RefusalLogitsProcessor needs vLLM (pip install vllm); "
+                              f"importing vllm.v1.sample.logits_processor failed: {_VLLM_IMPORT_ERROR!r}")
+        spec = type(self).spec or _spec_from_vllm_config(vllm_config, type(self).scheme)
+        self.state = RefusalBatchState(spec, thresholds=self.thresholds, mode=self.mode,
+                                       logit_bias=self.logit_bias, device=device, pin_memory=is_pin_memory,
+                                       backend=self.backend)
+
+    def is_argmax_invariant(self) -> bool:
+        """False: forcing the refusal or ``[respond]`` token changes greedy results."""
+        return False
+
+    def update_state(self, batch_update) -> None:
+        self.state.update(batch_update)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.state.apply(logits)
+
+
+def _validation_spec(extra: Mapping) -> RefusalSpec:
+    # A stand-in spec for entrypoint checks when the real one is found only in the engine: mapping keys
+    # must be names of one of the schemes, and lists must match that scheme's number of categories.
+    keys = set()
+    sizes = set()
+    for k in ("refusal_thresholds", "refusal_logit_bias"):
+        v = extra.get(k)
+        if isinstance(v, Mapping):
+            keys |= {x for x in v if isinstance(x, str)}
+        elif isinstance(v, (list, tuple)):
+            sizes.add(len(v))
+    bad = keys - _DISCOVERABLE_NAMES
+    if bad:
+        raise ValueError(f"unknown refusal category {sorted(bad)[0]!r}; categories are {list(CATEGORIES)} "
+                         f"(category scheme) or ['refuse'] (single scheme)")
+    if keys & {"refuse"} or sizes == {1}:
+        return RefusalSpec([0], 1, names=["refuse"])
+    return RefusalSpec(list(range(len(CATEGORIES))), len(CATEGORIES), names=CATEGORIES)
+
+
+def make_logits_processor(spec: Optional[RefusalSpec] = None, *, thresholds: PerCategory = 0.5,
+                          mode: str = "category", logit_bias: PerCategory = 0.0, scheme: Optional[str] = None,
+                          backend: Optional[str] = None) -> type:
+    """A `RefusalLogitsProcessor` subclass bound to a spec and default controls, for ``LLM(logits_processors=[...])``.
+
+    Parameters
+    ----------
+    spec : RefusalSpec, optional
+        The model's control tokens; None finds them in the model's tokenizer when vLLM builds the
+        processor.
+    thresholds, mode, logit_bias
+        Defaults for requests that do not set ``refusal_*`` extra arguments (forms as in
+        `request_controls`).
+    scheme : {"category", "single", None}
+        Which control tokens to look for when ``spec`` is None (None: category, then single).
+    backend : {"triton", "torch", None}
+        Passed to `apply_refusal_`.
+
+    Returns
+    -------
+    type
+        The subclass (built even without vLLM, whose absence is reported when vLLM constructs it).
+    """
+    if spec is not None:
+        request_controls(spec, None, thresholds=thresholds, mode=mode, logit_bias=logit_bias)
+    elif not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    if scheme not in (None, "category", "single"):
+        raise ValueError(f"scheme must be 'category', 'single' or None, got {scheme!r}")
+    if backend not in (None, "torch", "triton"):
+        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    attrs = dict(spec=spec, scheme=scheme, thresholds=thresholds, mode=mode, logit_bias=logit_bias,
+                 backend=backend, __module__=__name__,
+                 __doc__=f"RefusalLogitsProcessor bound to {spec!r} (rtkern.adapters.vllm.make_logits_processor).")
+    return type("BoundRefusalLogitsProcessor", (RefusalLogitsProcessor,), attrs)

@@ -1,0 +1,188 @@
+"""rtkern.adapters.vllm without vLLM: import safety, argument validation, and the batch bookkeeping.
+
+vLLM is not installed here. `RefusalBatchState` reads only the documented shape of vLLM v1's
+``BatchUpdate`` (``removed`` indices; ``added`` ``(index, SamplingParams, prompt_tok_ids,
+output_tok_ids)``; ``moved`` ``(i, j, MoveDirectionality)``) and ``SamplingParams.extra_args``, so the
+tests drive it with plain objects of that shape and check what it does to a logits tensor.
+"""
+import enum
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rtkern import RefusalControls, RefusalSpec, apply_refusal_
+from rtkern.adapters import vllm as rv
+
+V = 64
+REFUSE = (40, 41, 42)
+RESPOND = 43
+NAMES = ("Humanizing requests", "Incomplete requests", "Requests with safety concerns")
+SPEC = RefusalSpec(list(REFUSE), RESPOND, names=NAMES)
+NEG = float("-inf")
+
+
+class MoveDirectionality(enum.Enum):  # vLLM's enum, by name (its values changed across releases)
+    UNIDIRECTIONAL = enum.auto()
+    SWAP = enum.auto()
+
+
+def batch_update(size, removed=(), added=(), moved=()):
+    return SimpleNamespace(batch_size=size, removed=list(removed), added=list(added), moved=list(moved))
+
+
+def params(**extra):
+    return SimpleNamespace(extra_args=extra or None)
+
+
+def make_logits(rows, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, V, generator=g) * 2
+    z[:, list(REFUSE)] += torch.tensor([1.0, 2.5, 0.5])  # refusal probabilities of a few percent
+    return z
+
+
+def one_row(z, thresholds=0.5, mode="category", logit_bias=0.0):
+    """What rtkern itself does to one first-position row."""
+    row = z[None].clone()
+    c = RefusalControls.build(1, 3, "cpu", thresholds=thresholds, mode=mode, logit_bias=logit_bias)
+    res = apply_refusal_(row, SPEC, c, backend="torch")
+    return row[0], res
+
+
+def masked(z):
+    out = z.clone()
+    out[list(REFUSE) + [RESPOND]] = NEG
+    return out
+
+
+def test_import_without_vllm_and_construction_error():
+    assert isinstance(rv.HAVE_VLLM, bool)
+    if rv.HAVE_VLLM:
+        pytest.skip("vLLM is installed: construction is vLLM's business")
+    with pytest.raises(ImportError, match="needs vLLM"):
+        rv.RefusalLogitsProcessor(None, torch.device("cpu"), False)
+    bound = rv.make_logits_processor(SPEC, thresholds={NAMES[0]: 1.5})
+    assert issubclass(bound, rv.RefusalLogitsProcessor) and bound.spec is SPEC
+    with pytest.raises(ImportError, match="needs vLLM"):
+        bound(None, torch.device("cpu"), False)
+
+
+def test_validate_params():
+    bound = rv.make_logits_processor(SPEC)
+    ok = [params(), params(refusal_thresholds=0.3), params(refusal_thresholds=[0.1, 0.2, 1.5]),
+          params(refusal_thresholds={NAMES[2]: 0.05}, refusal_mode="sum", refusal_logit_bias={1: -2.0}),
+          params(other_processor_arg=7), SimpleNamespace(extra_args=None)]
+    for p in ok:
+        assert bound.validate_params(p) is None
+    bad = {"unknown category": params(refusal_thresholds={"Harmful": 0.2}),
+           "must be one of": params(refusal_mode="strict"),
+           ">= 0": params(refusal_thresholds=-0.1),
+           "3 numbers": params(refusal_thresholds=[0.1, 0.2]),
+           "unknown refusal argument": params(refusal_threshold=0.2),
+           "real numbers": params(refusal_thresholds={NAMES[0]: "high"}),
+           "logit_bias must be finite": params(refusal_logit_bias=float("inf"))}
+    for msg, p in bad.items():
+        with pytest.raises(ValueError, match=msg):
+            bound.validate_params(p)
+    # Unbound (spec found per engine): category names of either scheme pass, others do not.
+    rv.RefusalLogitsProcessor.validate_params(params(refusal_thresholds={"Unsupported requests": 0.9}))
+    rv.RefusalLogitsProcessor.validate_params(params(refusal_thresholds={"refuse": 0.9}))
+    with pytest.raises(ValueError, match="unknown refusal category"):
+        rv.RefusalLogitsProcessor.validate_params(params(refusal_thresholds={"Harmful": 0.2}))
+    with pytest.raises(ValueError, match="scheme"):
+        rv.make_logits_processor(scheme="multi")
+    with pytest.raises(ValueError, match="unknown category"):
+        rv.make_logits_processor(SPEC, thresholds={"Harmful": 0.2})
+
+
+def test_added_rows_first_position_and_later_positions():
+    st = rv.RefusalBatchState(SPEC, thresholds=0.04)
+    outs = [[], [], [], [7, 8]]  # row 3 resumes a request that already has output tokens
+    st.update(batch_update(4, added=[
+        (0, params(), [1, 2], outs[0]),
+        (1, params(refusal_thresholds={NAMES[1]: 0.0}), [3], outs[1]),  # always passes: refuses
+        (2, params(refusal_mode="free", refusal_logit_bias=[0.0, 0.0, 3.0]), [4], outs[2]),
+        (3, params(refusal_thresholds=0.0), [5], outs[3]),
+    ]))
+    z = make_logits(4)
+    got = st.apply(z.clone())
+    row0, res0 = one_row(z[0], thresholds=0.04)
+    torch.testing.assert_close(got[0], row0)
+    row1, res1 = one_row(z[1], thresholds=[0.04, 0.0, 0.04])
+    torch.testing.assert_close(got[1], row1)
+    assert int(res1.refused) >= 0 and got[1].argmax() == res1.tokens[0] and torch.isinf(got[1]).sum() == V - 1
+    row2, _ = one_row(z[2], mode="free", logit_bias=[0.0, 0.0, 3.0])
+    torch.testing.assert_close(got[2], row2)
+    assert got[2, REFUSE[2]] == z[2, REFUSE[2]] + 3.0 and torch.isfinite(got[2]).all()  # free: controls stay
+    torch.testing.assert_close(got[3], masked(z[3]))  # not a first position, whatever its thresholds
+    assert st.last_rows.tolist() == [0, 1, 2]
+    torch.testing.assert_close(st.last_output.refused, torch.cat([res0.refused, res1.refused, torch.tensor(
+        [-1], dtype=torch.int32)]))
+
+    for o in outs:  # the engine appends to the live lists it handed over
+        o.append(9)
+    z2 = make_logits(4, seed=1)
+    st.update(None)
+    torch.testing.assert_close(st.apply(z2.clone()), torch.stack([masked(r) for r in z2]))
+    assert st.last_rows is None
+
+
+def test_removed_added_moved_rows_follow_their_requests():
+    st = rv.RefusalBatchState(SPEC)
+    a_out, b_out, c_out = [], [5], []
+    st.update(batch_update(3, added=[(0, params(refusal_thresholds=0.0), [1], a_out),   # A: refuses
+                                     (1, params(), [1], b_out),                           # B: later position
+                                     (2, params(refusal_thresholds=2.0), [1], c_out)]))   # C: answers
+    # Before any step: A leaves, D (answers) takes row 0, then B and C swap, then C moves on to row 3.
+    d_out = []
+    st.update(batch_update(3, removed=[0], added=[(0, params(refusal_thresholds=2.0), [2], d_out)],
+                           moved=[(1, 2, MoveDirectionality.SWAP)]))
+    st.update(batch_update(4, moved=[(1, 3, MoveDirectionality.UNIDIRECTIONAL)]))
+    assert sorted(st.requests) == [0, 2, 3]
+    z = make_logits(4, seed=2)
+    got = st.apply(z.clone())
+    assert got[0].argmax() == RESPOND and torch.isinf(got[0]).sum() == V - 1   # D
+    torch.testing.assert_close(got[2], masked(z[2]))                             # B, later position
+    assert got[3].argmax() == RESPOND and torch.isinf(got[3]).sum() == V - 1   # C
+    torch.testing.assert_close(got[1], masked(z[1]))                             # empty row: controls masked
+    assert st.last_rows.tolist() == [0, 3]
+    st.update(batch_update(3, removed=[3]))  # C finishes: its row is no longer governed by its request
+    assert sorted(st.requests) == [0, 2]
+    torch.testing.assert_close(st.apply(z.clone())[3], masked(z[3]))
+
+
+def test_legacy_added_layout_and_dtypes():
+    # vLLM 0.10.0/0.10.1 put prompt_tok_ids first: (prompt_tok_ids, index, params, output_tok_ids).
+    st = rv.RefusalBatchState(SPEC, thresholds=0.0)
+    st.update(batch_update(2, added=[([1, 2], 1, params(), []), (None, 0, params(refusal_mode="sum"), [])]))
+    z = make_logits(2, seed=3)
+    for dtype in (torch.bfloat16, torch.float64):
+        st2 = rv.RefusalBatchState(SPEC, thresholds=0.0)
+        st2.update(batch_update(2, added=[(0, params(), None, []), (1, params(), None, [])]))
+        out = st2.apply(z.to(dtype))
+        assert out.dtype == dtype and torch.isin(out.argmax(1), torch.tensor(REFUSE)).all()
+    got = st.apply(z.clone())
+    assert torch.isin(got.argmax(1), torch.tensor(REFUSE)).all()
+    assert got[0].argmax() == REFUSE[int(torch.softmax(z[0], 0)[list(REFUSE)].argmax())]
+    with pytest.raises(TypeError, match="BatchUpdate.added"):
+        st.update(batch_update(1, added=[(0, params())]))
+
+
+def test_bad_request_arguments_fall_back_to_defaults(caplog):
+    st = rv.RefusalBatchState(SPEC, thresholds=2.0)
+    st.update(batch_update(1, added=[(0, params(refusal_thresholds={"Harmful": 0.0}), None, [])]))
+    assert "ignoring bad refusal arguments" in caplog.text
+    got = st.apply(make_logits(1))
+    assert got[0].argmax() == RESPOND
+
+
+def test_state_rejects_bad_defaults():
+    with pytest.raises(TypeError, match="RefusalSpec"):
+        rv.RefusalBatchState([1, 2])
+    with pytest.raises(ValueError, match=">= 0"):
+        rv.RefusalBatchState(SPEC, thresholds=float("nan"))
+    with pytest.raises(TypeError, match="one string"):
+        rv.RefusalBatchState(SPEC, mode=["category"])
+    with pytest.raises(ValueError, match="backend"):
+        rv.RefusalBatchState(SPEC, backend="cuda")
