@@ -31,6 +31,7 @@ class SamplingParams:
     seed : int                                                   with the position, keys every draw
     max_new_tokens : int                                         including the control token
     stop : sequence of str                                       stop strings (excluded from the text)
+    ignore_eos : bool                                            run to max_new_tokens (benchmarks)
     """
 
     thresholds: Union[float, Sequence[float], dict] = 0.5
@@ -40,6 +41,7 @@ class SamplingParams:
     seed: int = 0
     max_new_tokens: int = 256
     stop: Sequence[str] = ()
+    ignore_eos: bool = False
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -83,7 +85,7 @@ class Engine:
     Parameters
     ----------
     model : rtkern.model.Transformer (eval mode; its device and dtype are used)
-    tokenizer : rtkern.tokenizer.Tokenizer
+    tokenizer : rtkern.tokenizer.Tokenizer, or None (prompts are token ids; results carry no text)
     spec : RefusalSpec, or None to read the control tokens from the tokenizer (category scheme, then single)
     max_batch : largest batch per forward; bigger requests lists are run in chunks
     cuda_graphs : replay decode steps from CUDA graphs (default: on when the model is on CUDA)
@@ -121,6 +123,8 @@ class Engine:
         return out
 
     def encode(self, prompt: Prompt, *, chat: bool = True) -> list[int]:
+        if isinstance(prompt, str) and self.tok is None:
+            raise TypeError("this engine has no tokenizer: prompts must be token-id lists")
         if isinstance(prompt, str):
             msgs = [{"role": "user", "content": prompt}]
             return self.tok.apply_chat_template(msgs) if chat else self.tok.encode(prompt)
@@ -156,8 +160,7 @@ class Engine:
         for b, x in enumerate(ids):
             tokens[b, :len(x)] = torch.tensor(x)   # right padding: pads sit after every real token
         last = torch.tensor([len(x) - 1 for x in ids] + [0] * (B - len(ids)))
-        logits = self.model(tokens.to(self.device), torch.arange(T, device=self.device),
-                            logits_index=last.to(self.device))
+        logits = self.model(tokens.to(self.device), logits_index=last.to(self.device))
         slot.controls.first_step.fill_(True)
         out = refusal_sample(logits, self.spec, slot.controls, backend=self.backend)
         slot.controls.first_step.fill_(False)
@@ -243,7 +246,7 @@ class _Tracker:
 
     def __init__(self, engine: Engine, ids, params, first: SampleOutput):
         self.engine, self.params, self.n = engine, params, len(ids)
-        self.eos = set(engine.tok.eos_ids)
+        self.eos = set(engine.tok.eos_ids) if engine.tok is not None else set()
         self.refused = first.refused[:self.n].tolist()
         self.probs = first.refusal_probs[:self.n].float().cpu()
 
@@ -262,7 +265,7 @@ class _Tracker:
         for i, t in enumerate(row):
             if t < 0:
                 return row[:i], "invalid"
-            if t in self.eos:
+            if t in self.eos and not p.ignore_eos:
                 row, reason = row[:i + 1], "eos"
                 break
         else:
@@ -272,6 +275,8 @@ class _Tracker:
         return row, reason
 
     def _text(self, row: list[int]) -> str:
+        if self.engine.tok is None:
+            return ""
         control = set(self.engine.spec.control_ids)
         return self.engine.tok.decode([t for t in row if t not in control and t not in self.eos],
                                       skip_special_tokens=True)

@@ -231,9 +231,23 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
-        y = _sdpa(q, k, v, mask)
+            kc, vc = self.kv_cache.update(input_pos, k, v)
+            if mask is not None:  # else a prefill from position 0: the new tokens are all there is to see
+                k, v = kc, vc
+        y = _decode_attention(q, k, v, mask) if T == 1 and mask is not None else _sdpa(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def _decode_attention(q, k, v, mask):
+    """One query per row over the masked cache; GQA by grouping query heads, never repeating k/v.
+
+    Plain matmuls beat SDPA here: its CPU flash kernel takes ~9 ms per layer for one query with a mask.
+    """
+    B, H, _, D = q.shape
+    qg = q.view(B, k.shape[1], H // k.shape[1], D)
+    s = torch.matmul(qg, k.transpose(-1, -2)).float() * D ** -0.5        # [B, Hkv, rep, S]
+    s = s.masked_fill(~mask.view(mask.shape[0], 1, 1, -1), float("-inf"))
+    return torch.matmul(torch.softmax(s, -1).to(v.dtype), v).view(B, H, 1, D)
 
 
 def _sdpa(q, k, v, mask):
@@ -311,8 +325,9 @@ class Transformer(nn.Module):
                 return_hidden: bool = False) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V] (or [B, V] at ``logits_index`` [B] int64, one position per row).
 
-        With a cache (``setup_cache``), k/v are written at ``input_pos`` ([T] or [B, T]; default
-        0..T-1) and each query attends to cache slots <= its position. Without one, plain causal
+        With a cache (``setup_cache``), k/v are written at ``input_pos`` ([T] or [B, T]) and each query
+        attends to cache slots <= its position; ``input_pos=None`` starts the sequences: k/v go to slots
+        0..T-1 and attention is causal over ``tokens`` alone (a prefill). Without a cache, plain causal
         attention over ``tokens`` (training). ``logits_index`` skips the head on the other positions
         (prefill only needs each prompt's last token).
 
@@ -324,7 +339,8 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         device = tokens.device
         cached = self.max_seq > 0
-        if input_pos is None:
+        fresh = input_pos is None
+        if fresh:
             input_pos = torch.arange(T, device=device)
         if cached and B > self.max_batch:
             raise ValueError(f"batch {B} exceeds the cache's max_batch {self.max_batch}")
@@ -339,7 +355,7 @@ class Transformer(nn.Module):
             if cached:
                 raise ValueError("attn_mask is for training without a KV cache")
             mask = attn_mask[:, None]
-        if cached:
+        if cached and not fresh:
             slots = torch.arange(self.max_seq, device=device)
             mask = slots <= input_pos[..., None]                          # [T, S] or [B, T, S]
             mask = mask[None, None] if input_pos.dim() == 1 else mask[:, None]
