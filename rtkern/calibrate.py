@@ -446,7 +446,7 @@ def threshold_for_rate(scores, rate: float) -> float:
     _check_rate(rate, "rate")
     if s.size == 0:
         raise ValueError("no scores to choose a threshold from")
-    k = math.ceil(rate * s.size - 1e-9)
+    k = math.ceil(rate * s.size - 1e-9)  # the epsilon keeps 0.7 * 10 = 7.000000000000001 at 7
     return _above(s[0]) if k == 0 else float(s[k - 1])
 
 
@@ -497,22 +497,25 @@ def _labels(probs, should_refuse, category) -> tuple[np.ndarray, np.ndarray, np.
     return p, y, c
 
 
-def _per_category(p, y, c, mode, uniform: float, pick, what: str) -> Choice:
+def _per_category(p, y, c, mode, uniform: float, pick, what: str, names) -> Choice:
     """Uniform threshold, refined per category token where that category has labelled prompts."""
     C = p.shape[1]
+    names = list(names) if names is not None else [f"category {k}" for k in range(C)]
     t = np.full(C, uniform, dtype=np.float32)
     notes = []
     if mode == "category" and C > 1:
         for k in range(C):
             got = pick(k)
             if got is None:
-                notes.append(f"category {k} has no labelled prompts: kept the shared threshold {uniform:.4g}")
+                notes.append(f"{names[k]}: no labelled prompts of this category, kept the shared threshold "
+                             f"{uniform:.4g}")
             else:
                 t[k] = got
     return Choice(t, mode, what, notes)
 
 
-def choose_for_target_rate(probs, should_refuse, category, target: float, mode: str = "category") -> Choice:
+def choose_for_target_rate(probs, should_refuse, category, target: float, mode: str = "category", *,
+                           names: Optional[Sequence[str]] = None) -> Choice:
     """Thresholds that refuse at least ``target`` of the should-refuse prompts (as few more as ties allow).
 
     With several category tokens (``category`` mode, C > 1) each token c gets the largest threshold at
@@ -526,6 +529,7 @@ def choose_for_target_rate(probs, should_refuse, category, target: float, mode: 
     probs : float ``[N, C]``; should_refuse : bool ``[N]``; category : int ``[N]`` or None
     target : float in [0, 1]
     mode : {"category", "sum"}
+    names : category names for the notes (default ``"category <c>"``)
 
     Returns
     -------
@@ -545,7 +549,7 @@ def choose_for_target_rate(probs, should_refuse, category, target: float, mode: 
     what = f"target refusal rate {target:g} on should-refuse prompts"
     if mode == "category" and p.shape[1] > 1:
         what += " (each category token on its own category)"
-    return _per_category(p, y, c, mode, uniform, pick, what)
+    return _per_category(p, y, c, mode, uniform, pick, what, names)
 
 
 def choose_for_max_over_refusal(probs, should_refuse, max_rate: float, mode: str = "category") -> Choice:
@@ -591,7 +595,8 @@ def choose_for_max_over_refusal(probs, should_refuse, max_rate: float, mode: str
                                        f"{neg.shape[0]} should-comply prompts"])
 
 
-def choose_best_f1(probs, should_refuse, category, mode: str = "category") -> Choice:
+def choose_best_f1(probs, should_refuse, category, mode: str = "category", *,
+                   names: Optional[Sequence[str]] = None) -> Choice:
     """Thresholds maximising F1 of refusing should-refuse prompts.
 
     With several category tokens, token c maximises the F1 of "p_c >= t" with the should-refuse prompts
@@ -603,6 +608,7 @@ def choose_best_f1(probs, should_refuse, category, mode: str = "category") -> Ch
     ----------
     probs : float ``[N, C]``; should_refuse : bool ``[N]``; category : int ``[N]`` or None
     mode : {"category", "sum"}
+    names : category names for the notes (default ``"category <c>"``)
 
     Returns
     -------
@@ -621,7 +627,7 @@ def choose_best_f1(probs, should_refuse, category, mode: str = "category") -> Ch
 
     what = "best F1" + (" (each category token: its own category vs should-comply prompts)"
                         if mode == "category" and p.shape[1] > 1 else "")
-    return _per_category(p, y, c, mode, uniform, pick, what)
+    return _per_category(p, y, c, mode, uniform, pick, what, names)
 
 
 def switch_off_effect(probs, thresholds, groups, num_groups: int) -> np.ndarray:

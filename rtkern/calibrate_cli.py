@@ -87,6 +87,10 @@ def _run(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    bad = np.flatnonzero(np.isnan(scores).any(axis=1))
+    if bad.size:
+        raise ValueError(f"{bad.size} prompts got NaN probabilities (NaN/inf logits from the model), "
+                         f"first at {data.sources[bad[0]]}")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,7 +123,7 @@ def resolve_spec(tok, args: argparse.Namespace) -> RefusalSpec:
     """
     if args.refusal_tokens:
         return _explicit_spec(tok, args.refusal_tokens, args.respond_token)
-    schemes = ("category", "single") if args.scheme == "auto" else (args.scheme,)
+    schemes = (args.scheme,) if args.scheme != "auto" else _trained_scheme(args.model) or ("category", "single")
     errors = []
     for scheme in schemes:
         try:
@@ -134,6 +138,16 @@ def resolve_spec(tok, args: argparse.Namespace) -> RefusalSpec:
     if args.respond_token is not None:
         spec = RefusalSpec(spec.refusal_ids, _respond_id(tok, args.respond_token), spec.names)
     return spec
+
+
+def _trained_scheme(model: str) -> Optional[tuple[str]]:
+    """The scheme recorded by rtkern's trainer in the checkpoint's ``rtkern.json``, if any."""
+    f = Path(model) / "rtkern.json"
+    try:
+        scheme = json.loads(f.read_text(encoding="utf-8")).get("scheme")
+    except (OSError, ValueError, AttributeError):
+        return None  # not a trainer checkpoint (or unreadable): fall back to probing the vocabulary
+    return (scheme,) if scheme in ("single", "category") else None
 
 
 def _lookup(tok, item: str, vocab: dict) -> int:
@@ -205,11 +219,11 @@ def _analyse(scores: np.ndarray, data, spec: RefusalSpec, args):
     if not y.any() and args.max_over_refusal is None:
         raise ValueError("the data has no should-refuse prompts; only --max-over-refusal can be used")
     if args.target_rate is not None:
-        choice = choose_for_target_rate(probs, y, token_cat, args.target_rate, args.mode)
+        choice = choose_for_target_rate(probs, y, token_cat, args.target_rate, args.mode, names=spec.names)
     elif args.max_over_refusal is not None:
         choice = choose_for_max_over_refusal(probs, y, args.max_over_refusal, args.mode)
     else:
-        choice = choose_best_f1(probs, y, token_cat, args.mode)
+        choice = choose_best_f1(probs, y, token_cat, args.mode, names=spec.names)
     return Analysis(probs, y, group, group_names, spec.names, choice)
 
 

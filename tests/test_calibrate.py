@@ -3,7 +3,6 @@
 Metrics against hand-computed cases and brute force, threshold choice on synthetic scores, the
 thresholds file, `score` against unbatched full forwards of a tiny random model, and the CLI end to end.
 """
-import itertools
 import json
 import math
 from pathlib import Path
@@ -19,7 +18,7 @@ from rtkern.calibrate import (OFF, auroc, binary_metrics, choose_best_f1, choose
                               threshold_for_best_f1, threshold_for_max_rate, threshold_for_rate)
 from rtkern.calibrate_data import coconot_is_test, even_subset, load_labelled
 from rtkern.spec import CATEGORIES, RESPOND_TOKEN, RefusalSpec, control_token_strings
-from rtkern.thresholds import FORMAT, Thresholds, load_thresholds, save_thresholds, thresholds_tensor
+from rtkern.thresholds import FORMAT, load_thresholds, save_thresholds, thresholds_tensor
 
 transformers = pytest.importorskip("transformers")
 
@@ -132,7 +131,8 @@ def test_threshold_helpers_exact():
     s = [0.1, 0.2, 0.3, 0.4, 0.5]
     assert threshold_for_rate(s, 0.4) == pytest.approx(0.4) and threshold_for_rate(s, 0.41) == pytest.approx(0.3)
     assert rate_curve(s, [threshold_for_rate(s, 0.0)])[0] == 0.0
-    assert threshold_for_max_rate(s, 0.4) > np.float32(0.3) and rate_curve(s, [threshold_for_max_rate(s, 0.4)])[0] == 0.4
+    t = threshold_for_max_rate(s, 0.4)
+    assert t > np.float32(0.3) and rate_curve(s, [t])[0] == 0.4
     assert threshold_for_max_rate(s, 1.0) == 0.0
     # F1 at >= 0.5, 0.4, 0.3, 0.2, 0.1: 2/4, 4/5, 4/6, 6/7, 6/8
     t, f1 = threshold_for_best_f1([0, 1, 0, 1, 1], s)
@@ -187,16 +187,18 @@ def test_best_f1_matches_brute_force():
     choice = choose_best_f1(probs, y, cat)
     for k in range(3):
         rows = (y & (cat == k)) | ~y
-        brute = max(binary_metrics((y & (cat == k))[rows], probs[rows, k] >= t)["f1"] for t in np.unique(probs[rows, k]))
-        got = binary_metrics((y & (cat == k))[rows], probs[rows, k] >= choice.thresholds[k])["f1"]
+        pos = (y & (cat == k))[rows]
+        brute = max(binary_metrics(pos, probs[rows, k] >= t)["f1"] for t in np.unique(probs[rows, k]))
+        got = binary_metrics(pos, probs[rows, k] >= choice.thresholds[k])["f1"]
         assert got == pytest.approx(brute)
 
 
 def test_category_without_examples_keeps_shared_threshold():
     probs, y, cat = _synthetic(C=3)
     cat[cat == 2] = 0
-    choice = choose_for_target_rate(probs, y, cat, 0.8)
-    assert any("category 2" in n for n in choice.notes)
+    choice = choose_for_target_rate(probs, y, cat, 0.8, names=["a", "b", "c"])
+    assert choice.notes == ["c: no labelled prompts of this category, kept the shared threshold "
+                            f"{choice.thresholds[2]:.4g}"]
     assert choice.thresholds[2] == pytest.approx(threshold_for_rate(probs[y].max(1), 0.8))
 
 
@@ -231,7 +233,8 @@ GOOD = {"format": FORMAT, "mode": "category", "thresholds": {"refuse": 0.5}}
 @pytest.mark.parametrize("content, match", [
     ("{not json", "invalid JSON"),
     ('{"format": "rtkern-thresholds/1", "thresholds": {"refuse": NaN}}', r"thresholds\['refuse'\] must be finite"),
-    ('{"format": "rtkern-thresholds/1", "thresholds": {"refuse": 0.5}, "default": Infinity}', "'default' must be finite"),
+    ('{"format": "rtkern-thresholds/1", "thresholds": {"refuse": 0.5}, "default": Infinity}',
+     "'default' must be finite"),
     (json.dumps({**GOOD, "format": "other/2"}), "'format'"),
     (json.dumps({k: v for k, v in GOOD.items() if k != "format"}), "'format'"),
     (json.dumps({**GOOD, "mode": "free"}), "'mode'"),
@@ -281,7 +284,8 @@ def test_csv_and_jsonl_loading(tmp_path):
     assert d.categories == ["Indeterminate requests", None, "Other"]
     assert d.sources == [f"{c}:2", f"{c}:4", f"{c}:6"]
     j = tmp_path / "d.jsonl"
-    j.write_text('{"prompt": "a", "label": 1, "category": "Humanizing requests"}\n\n{"prompt": "b", "label": "refuse"}\n')
+    j.write_text('{"prompt": "a", "label": 1, "category": "Humanizing requests"}\n\n'
+                 '{"prompt": "b", "label": "refuse"}\n')
     d = load_labelled(j)
     assert d.should_refuse.tolist() == [True, True] and d.sources[1] == f"{j}:3"
 
@@ -319,7 +323,8 @@ def test_coconot_folder_split():
     refuse_cats = [c for c, y in zip(d.categories, d.should_refuse) if y]
     assert refuse_cats.count("Indeterminate requests") == 37 and refuse_cats.count("Humanizing requests") == 27
     assert set(d.categories) <= set(CATEGORIES)
-    assert not coconot_is_test("bajp42a") or "bajp42a"  # the rule is a pure function of the id
+    # sha256("bajp42a")[:8] = df884433 -> % 10 = 3 (train); "61r5fgv" -> 88db396d -> 1 (test)
+    assert not coconot_is_test("bajp42a") and coconot_is_test("61r5fgv")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -473,7 +478,10 @@ def test_cli_end_to_end(tiny_category, tmp_path, capsys):
 
 def test_cli_single_scheme_sum_mode_and_limit(tmp_path, capsys):
     d = tmp_path / "m"
-    _save_tiny(d, ["[refuse]", "[respond]"], seed=1)
+    # Both schemes' tokens in the vocabulary; the trainer's rtkern.json says which one the model uses.
+    _save_tiny(d, ["[refuse]", "[respond]"] + control_token_strings("category")[0], seed=1)
+    (d / "rtkern.json").write_text(json.dumps({"scheme": "single", "refusal_tokens": ["[refuse]"],
+                                               "respond_token": "[respond]"}))
     data = _write_jsonl(tmp_path / "d.jsonl", 16)
     out = tmp_path / "out"
     rc = cli.main(["calibrate", "--model", str(d), "--data", str(data), "--max-over-refusal", "0.25", "--mode", "sum",
