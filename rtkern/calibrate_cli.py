@@ -39,7 +39,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                       help="refuse at most this fraction of the should-comply prompts")
     goal.add_argument("--best-f1", action="store_true", help="maximise F1 (the default)")
     p.add_argument("--scheme", choices=("auto", "single", "category"), default="auto",
-                   help="control-token scheme (auto: category tokens if present, else [refuse])")
+                   help="control-token scheme (auto: the one in the checkpoint's rtkern.json, else category "
+                        "tokens if present, else [refuse])")
     p.add_argument("--refusal-tokens", metavar="TOKENS",
                    help="comma-separated refusal token strings or ids, overriding --scheme")
     p.add_argument("--respond-token", metavar="TOKEN",
