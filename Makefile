@@ -11,4 +11,4 @@ test: install
 	$(PY) -m pytest tests -q
 
 bench: install
-	$(PY) -m rtkern.cli bench sampler
+	$(PY) -m rtkern.cli bench decode

@@ -9,7 +9,7 @@ To add a command, define ``_configure(parser)`` and ``_run(args) -> int`` and ca
 
     register(("generate",), "generate text with refusal control", _configure_generate, _run_generate)
 
-Registering a path again replaces the previous entry (placeholders below are meant to be replaced).
+Registering a path again replaces the previous entry.
 """
 from __future__ import annotations
 
@@ -60,6 +60,38 @@ register(("bench", "sampler"), "fused refusal sampler vs naive PyTorch / CUDA gr
 
 
 # ---------------------------------------------------------------------------------------------------
+# generate, bench decode
+# ---------------------------------------------------------------------------------------------------
+
+def _configure_generate(p: argparse.ArgumentParser) -> None:
+    from .generate_cli import configure
+    configure(p)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from .generate_cli import run
+    return run(args)
+
+
+register(("generate",), "generate text with refusal control; prints answers and refusal probabilities",
+         _configure_generate, _run_generate)
+
+
+def _configure_bench_decode(p: argparse.ArgumentParser) -> None:
+    from .bench.decode import add_arguments
+    add_arguments(p)
+
+
+def _run_bench_decode(args: argparse.Namespace) -> int:
+    from .bench.decode import run_from_args
+    return run_from_args(args)
+
+
+register(("bench", "decode"), "decode ms/step and tok/s: rtkern engine vs transformers generate and gpt-fast style",
+         _configure_bench_decode, _run_bench_decode)
+
+
+# ---------------------------------------------------------------------------------------------------
 # train
 # ---------------------------------------------------------------------------------------------------
 
@@ -93,27 +125,6 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
 register(("calibrate",), "score labelled prompts, choose refusal thresholds, write report + thresholds.json",
          _configure_calibrate, _run_calibrate)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Placeholders: commands that other parts of rtkern will provide. Each says so and exits 2 (no fake
-# output). Replace an entry by calling `register` with the same path.
-# ---------------------------------------------------------------------------------------------------
-
-def _not_available(what: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        print(f"rtkern {what}: not available yet in this version of rtkern", file=sys.stderr)
-        return EXIT_NOT_AVAILABLE
-    return run
-
-
-def _no_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-
-
-for _path, _help in ((("bench", "decode"), "end-to-end decode throughput (not available yet)"),
-                     (("generate",), "generate text with refusal control (not available yet)")):
-    register(_path, _help, _no_options, _not_available(" ".join(_path)))
 
 
 # ---------------------------------------------------------------------------------------------------

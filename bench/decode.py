@@ -1,0 +1,329 @@
+"""Decode latency: rtkern's engine against Hugging Face ``generate`` and a gpt-fast-style compiled loop.
+
+Every method generates ``new`` tokens for ``B`` prompts of ``prompt`` random token ids with the refusal
+decision at the first position and control tokens masked afterwards (EOS ignored, so all rows run to
+the end). ``ms/step`` = (t(new tokens) - t(1 token)) / (new - 1): the prefill and the first-token
+decision cancel, leaving the steady decode step. Each t is the median of ``reps`` runs of the whole
+call (which returns host values, so the device has finished).
+
+==================  ====================================================================================
+method              what runs
+==================  ====================================================================================
+``rtkern``          `rtkern.engine.Engine`: static KV cache; on CUDA each step is one CUDA-graph replay
+                    with the fused Triton sampler inside; on CPU eager with the PyTorch reference sampler
+``rtkern-compile``  the same decode step through ``torch.compile`` before capture (CUDA only)
+``gpt-fast``        our model, decode step ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) with
+                    plain PyTorch sampling (control tokens masked, exponential-race multinomial) (CUDA only)
+``hf-dynamic``      transformers ``generate`` (eager, DynamicCache) + `RefusalLogitsProcessor`
+``hf-static``       the same with ``cache_implementation="static"``
+==================  ====================================================================================
+
+Derived: ``tok/s`` = B / step; ``GB/s`` = bytes a step must read (weights once, the KV cache of the
+mean context) / step; ``%bw`` = GB/s over ``--bandwidth`` (3.02e12 B/s: H100 SXM copy bandwidth).
+
+Run: ``rtkern bench decode --help``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from rtkern.spec import RefusalSpec
+
+H100_BANDWIDTH = 3.02e12
+DEFAULT_OUT = Path("results") / "bench-decode"
+METHODS = ("rtkern", "rtkern-compile", "gpt-fast", "hf-dynamic", "hf-static")
+GPU_METHODS = METHODS
+CPU_METHODS = ("rtkern", "hf-dynamic", "hf-static")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+RANDOM_SUFFIX = "-random"
+
+
+class Unavailable(RuntimeError):
+    """A method that cannot run here (e.g. CUDA graphs on a CPU): reported as skipped."""
+
+
+@dataclass
+class Row:
+    model: str
+    dtype: str
+    batch: int
+    method: str
+    ms_per_step: Optional[float] = None
+    tok_s: Optional[float] = None
+    gbps: Optional[float] = None
+    pct_bw: Optional[float] = None
+    prefill_ms: Optional[float] = None
+    status: str = "ok"
+    error: Optional[str] = None
+
+
+# -- model under test ----------------------------------------------------------------------------
+
+def load_subject(name: str, device, dtype):
+    """(model, tokenizer or None, spec). ``<config>-random`` builds random weights of a named shape."""
+    from rtkern.loader import load_model
+    from rtkern.model import ModelArgs, Transformer
+    from rtkern.train.prepare import add_control_tokens
+
+    if name.endswith(RANDOM_SUFFIX):
+        args = ModelArgs.from_name(name[: -len(RANDOM_SUFFIX)])
+        with torch.device("meta"):
+            model = Transformer(args)
+        model = model.to_empty(device=device).to(dtype)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+        v = args.vocab_size
+        spec = RefusalSpec(list(range(v - 6, v - 1)), respond_id=v - 1)  # reserved ids at the vocab's end
+        return model.eval().requires_grad_(False), None, spec
+    model, tok = load_model(name, device=device, dtype=dtype)
+    ct = add_control_tokens(model, tok, "category")  # untrained rows: latency does not care
+    return model.eval().requires_grad_(False), tok, RefusalSpec(ct.refusal_ids, ct.respond_id, ct.names)
+
+
+def step_bytes(model, batch: int, context: int) -> int:
+    """Bytes one decode step must read: every weight once (the embedding only gathers rows) + the KV cache."""
+    a = model.args
+    seen, total = set(), 0
+    for n, p in model.named_parameters():
+        if p.data_ptr() in seen or (n == "embed_tokens.weight" and not a.tie_word_embeddings):
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    elt = model.embed_tokens.weight.element_size()
+    return total + batch * 2 * a.n_layers * a.n_kv_heads * context * a.head_dim * elt
+
+
+# -- methods: each returns run(n_new) -> None -----------------------------------------------------
+
+def _rtkern(model, tok, spec, prompts, compile_: bool):
+    from rtkern.engine import Engine, SamplingParams
+    if compile_ and not torch.cuda.is_available():
+        raise Unavailable("needs CUDA")
+    eng = Engine(model, tok, spec, max_batch=len(prompts), compile=compile_, check_every=1 << 30)
+
+    def run(n: int):
+        eng.generate(prompts, SamplingParams(max_new_tokens=n, ignore_eos=True, temperature=1.0, seed=1))
+    return run
+
+
+def _hf(model, spec, prompts, static: bool):
+    import transformers
+    from rtkern.adapters.hf import RefusalLogitsProcessor
+    from rtkern.model import rtkern_to_hf_state_dict
+
+    model.remove_cache()
+    dev = model.embed_tokens.weight.device
+    cfg = transformers.LlamaConfig(**model.args.to_hf_config())
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(cfg)
+    # share our weights (no copy): the 8B shape would not fit twice next to its caches otherwise
+    hf.load_state_dict(rtkern_to_hf_state_dict(model.state_dict()), strict=False, assign=True)
+    hf.tie_weights()
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=cfg).to(dev)  # a buffer, left on meta above
+    hf.eval()
+    ids = torch.tensor(prompts, device=model.embed_tokens.weight.device)
+    proc = RefusalLogitsProcessor(spec, thresholds=0.5)
+    kw = dict(cache_implementation="static") if static else {}
+
+    def run(n: int):
+        proc.reset()
+        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                    do_sample=True, temperature=1.0, top_k=0, top_p=1.0, logits_processor=[proc],
+                    pad_token_id=0, **kw)
+    return run
+
+
+def _gpt_fast(model, spec, prompts, max_new: int):
+    if not torch.cuda.is_available():
+        raise Unavailable("needs CUDA")
+    dev = model.embed_tokens.weight.device
+    B, T = len(prompts), len(prompts[0])
+    ctl = torch.tensor(spec.control_ids, device=dev)
+
+    def sample(logits):
+        logits[:, ctl] = float("-inf")
+        probs = torch.softmax(logits.float(), -1)
+        return torch.argmax(probs / torch.empty_like(probs).exponential_(1), -1)
+
+    def decode(tok, pos):
+        return sample(model(tok[:, None], pos[:, None])[:, -1])
+
+    step = torch.compile(decode, mode="reduce-overhead", fullgraph=True)
+    ids = torch.tensor(prompts, device=dev)
+
+    model.setup_cache(B, -(-(T + max_new) // 256) * 256)  # once: new cache tensors would recompile
+
+    def run(n: int):
+        tok = sample(model(ids, torch.arange(T, device=dev))[:, -1])
+        pos = torch.full((B,), T, device=dev)
+        out = [tok]
+        for _ in range(n - 1):
+            tok = step(tok.clone(), pos).clone()
+            pos = pos + 1
+            out.append(tok)
+        torch.stack(out).cpu()
+    return run
+
+
+def build(method: str, model, tok, spec, prompts, max_new: int) -> Callable[[int], None]:
+    if method in ("rtkern", "rtkern-compile"):
+        return _rtkern(model, tok, spec, prompts, method == "rtkern-compile")
+    if method in ("hf-dynamic", "hf-static"):
+        return _hf(model, spec, prompts, method == "hf-static")
+    if method == "gpt-fast":
+        return _gpt_fast(model, spec, prompts, max_new)
+    raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
+
+
+# -- timing -----------------------------------------------------------------------------------------
+
+def _median_s(fn: Callable[[], None], reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_point(model, tok, spec, name: str, dtype: str, batch: int, method: str, *, prompt: int, new: int,
+                reps: int, bandwidth: float) -> Row:
+    row = Row(name, dtype, batch, method)
+    g = torch.Generator().manual_seed(batch)
+    hi = min(model.args.vocab_size, min(spec.control_ids))  # prompts never contain control tokens
+    prompts = torch.randint(0, hi, (batch, prompt), generator=g).tolist()
+    try:
+        run = build(method, model, tok, spec, prompts, new)
+        run(new)  # warm-up: graph capture, compilation, autotuning
+        t1, tn = _median_s(lambda: run(1), reps), _median_s(lambda: run(new), reps)
+    except Unavailable as e:
+        row.status, row.error = "skipped", str(e)
+        return row
+    except Exception as e:  # noqa: BLE001  (a baseline failing, e.g. HF static + compile, is a result)
+        row.status, row.error = "failed", f"{type(e).__name__}: {e}"[:300]
+        return row
+    step = (tn - t1) / (new - 1)
+    row.ms_per_step, row.tok_s, row.prefill_ms = step * 1e3, batch / step, t1 * 1e3
+    row.gbps = step_bytes(model, batch, prompt + new // 2) / step / 1e9
+    row.pct_bw = 100 * row.gbps * 1e9 / bandwidth
+    return row
+
+
+# -- report -----------------------------------------------------------------------------------------
+
+def _f(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    head = f"{'model':28} {'dtype':5} {'B':>4} {'method':15} {'ms/step':>9} {'tok/s':>9} {'GB/s':>8} {'%bw':>6} {'1-token ms':>10}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        tail = "" if r.status == "ok" else f"  {r.status}: {r.error}"
+        lines.append(f"{r.model:28} {r.dtype:5} {r.batch:>4} {r.method:15} {_f(r.ms_per_step, '9.3f')} "
+                     f"{_f(r.tok_s, '9.1f')} {_f(r.gbps, '8.1f')} {_f(r.pct_bw, '6.1f')} {_f(r.prefill_ms, '10.1f')}{tail}")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[Row], path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    models = sorted({(r.model, r.dtype) for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
+    for ax, (m, dt) in zip(axes[0], models):
+        sub = [r for r in rows if r.model == m and r.dtype == dt and r.ms_per_step is not None]
+        batches = sorted({r.batch for r in sub})
+        methods = [x for x in METHODS if any(r.method == x for r in sub)]
+        w = 0.8 / max(1, len(methods))
+        for i, meth in enumerate(methods):
+            vals = {r.batch: r.ms_per_step for r in sub if r.method == meth}
+            ax.bar([j + i * w for j in range(len(batches))], [vals.get(b, 0) for b in batches], w, label=meth)
+        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(batches))], [f"B={b}" for b in batches])
+        ax.set_yscale("log")
+        ax.set_ylabel("ms per decode step (lower is better)")
+        ax.set_title(f"{m} ({dt})")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run(models: Sequence[str], batches: Sequence[int], methods: Sequence[str], device, dtype: str, *,
+        prompt: int, new: int, reps: int, bandwidth: float, out_dir: Path, progress: bool = True) -> list[Row]:
+    from tqdm import tqdm
+
+    from .sampler import environment
+    rows = []
+    bar = tqdm(total=len(models) * len(batches) * len(methods), disable=not progress, desc="bench decode")
+    for name in models:
+        model, tok, spec = load_subject(name, device, DTYPES[dtype])
+        for b in batches:
+            for m in methods:
+                bar.set_postfix_str(f"{name} B={b} {m}")
+                rows.append(bench_point(model, tok, spec, name, dtype, b, m, prompt=prompt, new=new, reps=reps,
+                                        bandwidth=bandwidth))
+                bar.update()
+        del model
+    bar.close()
+    print(format_table(rows))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"env": environment(device), "prompt": prompt, "new_tokens": new, "reps": reps, "bandwidth": bandwidth,
+            "argv": sys.argv}
+    (out_dir / "decode.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+    print(f"wrote {out_dir / 'decode.json'} and {plot(rows, out_dir / 'decode.png')}")
+    return rows
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    cuda = torch.cuda.is_available()
+    p.add_argument("--model", nargs="+", default=None,
+                   help="names/paths; '<shape>-random' = random weights, e.g. llama3-8b-random "
+                        "(default: smollm2-135m-instruct, plus llama3-8b-random on CUDA)")
+    p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 8 32; CPU 1 8)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=None)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if cuda else "fp32")
+    p.add_argument("--prompt", type=int, default=128, help="prompt length in tokens")
+    p.add_argument("--new", type=int, default=None, help="new tokens per request (default 256; CPU 16)")
+    p.add_argument("--reps", type=int, default=None, help="timed runs per point (median; default 5, CPU 2)")
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--bandwidth", type=float, default=H100_BANDWIDTH, help="bytes/s for the %%bw column")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    cuda = torch.device(args.device).type == "cuda"
+    models = args.model or (["smollm2-135m-instruct", "llama3-8b-random"] if cuda else ["smollm2-135m-instruct"])
+    new = args.new or (256 if cuda else 16)
+    if new < 2:
+        raise SystemExit("--new must be at least 2 (ms/step is a difference of two lengths)")
+    run(models, args.batch or ([1, 8, 32] if cuda else [1, 8]), args.methods or (GPU_METHODS if cuda else CPU_METHODS),
+        torch.device(args.device), args.dtype, prompt=args.prompt, new=new, reps=args.reps or (5 if cuda else 2),
+        bandwidth=args.bandwidth, out_dir=args.out, progress=not args.no_progress)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="rtkern bench decode", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return run_from_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
