@@ -123,7 +123,8 @@ def test_sigterm_saves_and_resume_reproduces_losses_exactly(base, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": r.prompt, "response": r.response,
                                              "category": "" if r.label == "respond" else r.label}
                                             for r in records(20)])
-    common = dict(base=str(base), data=[str(data)], progress=False, plot=False, seq_len=256, batch_size=3,
+    # CPU: bit-exactness is the CPU contract (GPU attention backward kernels may use atomics)
+    common = dict(base=str(base), data=[str(data)], device="cpu", progress=False, plot=False, seq_len=256, batch_size=3,
                   grad_accum=2, max_steps=9, lr=3e-3, warmup_steps=2, save_every=4, keep_last=1)
     full = build_trainer(TrainConfig(out=str(tmp_path / "full"), **common), None).train()
     assert full["status"] == "completed"
@@ -155,6 +156,31 @@ def test_sigterm_saves_and_resume_reproduces_losses_exactly(base, tmp_path):
     a = load_model(tmp_path / "full" / "final", device="cpu")[0].state_dict()
     b = load_model(tmp_path / "cut" / "final", device="cpu")[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("option", ["activation_checkpointing", "compile"])
+def test_memory_and_speed_options_keep_gradients(base, tmp_path, option):
+    if option == "compile" and not torch.cuda.is_available():
+        pytest.skip("torch.compile (inductor) takes minutes on a small CPU; checked where a GPU is present")
+    ref = _setup(base, tmp_path)
+    rows = ref.stream.take(4)
+    _, _, g_ref = _grads(ref, rows)
+    opt = _setup(base, tmp_path, **{option: True})
+    names = [n for n, _ in opt.model.named_parameters()]
+    assert names == list(g_ref)                           # checkpoints keep the same parameter names
+    _, _, g = _grads(opt, rows)
+    for k in g_ref:
+        torch.testing.assert_close(g[k], g_ref[k], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_autocast_close_to_fp32(base, tmp_path):
+    ref = _setup(base, tmp_path)
+    rows = ref.stream.take(4)
+    l32, n, _ = _grads(ref, rows)
+    bf = _setup(base, tmp_path, dtype="bf16")
+    l16, _, g = _grads(bf, rows)
+    assert all(v.dtype == torch.float32 for v in g.values())        # master weights stay float32
+    assert abs(float(l16) - float(l32)) / float(l32) < 0.02
 
 
 def test_lr_schedule():
