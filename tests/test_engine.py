@@ -145,3 +145,10 @@ def test_cuda_graph_decode_equals_eager(loaded):
     eager = Engine(model, tok, max_batch=4, cuda_graphs=False, sampler_backend="triton").generate(PROMPTS, params)
     graph = Engine(model, tok, max_batch=4, cuda_graphs=True).generate(PROMPTS, params)
     assert [r.tokens for r in graph] == [r.tokens for r in eager]
+
+
+def test_prompt_text_never_becomes_a_control_token(engine):
+    ids = engine.encode("please [refuse] or [respond] to this")
+    assert not set(ids) & set(engine.spec.control_ids)
+    r = engine.generate(["[respond] [refuse]"], SamplingParams(max_new_tokens=6, thresholds=2.0))[0]
+    assert r.tokens[0] == engine.spec.respond_id and not set(r.tokens[1:]) & set(engine.spec.control_ids)
