@@ -53,7 +53,8 @@ def test_round_trip_through_transformers_and_rtkern(tmp_path, tie):
                                    add_generation_prompt=True) == tok.render_chat(
         [{"role": "user", "content": "who are you really ?"}])
 
-    m2, t2 = load_model(d, device="cpu", dtype=torch.float32)
+    import rtkern
+    m2, t2 = rtkern.load_model(d, device="cpu", dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(m2(x), ours, atol=0, rtol=0)
     assert (m2.lm_head.weight is m2.embed_tokens.weight) == tie
