@@ -473,6 +473,9 @@ def build_example(tokenizer, record: Record, control_id: int, *, max_len: int | 
     if cut is None:
         raise ValueError("the chat template ends the assistant turn without an end-of-turn/EOS token")
     prompt_ids = tokenizer.encode(prompt_text)
+    if not prompt_ids:
+        raise ValueError("the chat template renders an empty prompt; the control token needs a position to "
+                         "be predicted from")
     ids = prompt_ids + [control_id] + tokenizer.encode(tail[:at + len(body)]) + end[:cut + 1]
     if max_len is not None and len(ids) > max_len:
         if len(prompt_ids) + 1 > max_len:
