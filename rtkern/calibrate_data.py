@@ -150,17 +150,11 @@ def _label(value, where: str) -> bool:
 
 
 def _jsonl_objects(path: Path):
-    with open(path, encoding="utf-8") as fh:
-        for n, text in enumerate(fh, 1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from e
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-            yield n, obj
+    from .train.data import iter_jsonl
+    for n, obj in iter_jsonl(path):
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+        yield n, obj
 
 
 def _rows(path: Path, required: Sequence[str]):

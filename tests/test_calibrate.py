@@ -19,12 +19,11 @@ from rtkern.calibrate import (OFF, auroc, binary_metrics, choose_best_f1, choose
 from rtkern.calibrate_data import coconot_is_test, even_subset, load_labelled
 from rtkern.spec import CATEGORIES, RESPOND_TOKEN, RefusalSpec, control_token_strings
 from rtkern.thresholds import FORMAT, load_thresholds, save_thresholds, thresholds_tensor
+from tiny import save_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
 COCONOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "coconot"
-CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -332,18 +331,7 @@ def test_coconot_folder_split():
 # ---------------------------------------------------------------------------------------------------
 
 def _save_tiny(d: Path, control: list, seed: int = 0) -> None:
-    from tokenizers import AddedToken, Tokenizer as TK, decoders, models, pre_tokenizers, trainers
-    tk = TK(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>", "<|im_end|>", "<|im_start|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tk.train_from_iterator(["please refuse this request", "respond to the user kindly", "hello world"] * 20, trainer)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>",
-                                                bos_token="<|im_start|>", chat_template=CHAT)
-    if control:
-        fast.add_tokens([AddedToken(s, special=True, normalized=False) for s in control], special_tokens=True)
-    fast.save_pretrained(d)
+    fast = save_tokenizer(d, vocab_size=280, control=control)
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                    intermediate_size=96, vocab_size=320, eos_token_id=1)

@@ -13,15 +13,21 @@ def tiny_hf(vocab=320, tie=False, seed=0):
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def save_tokenizer(d):
-    """A small byte-level BPE with chat special tokens, trained on the spot."""
-    from tokenizers import Tokenizer as TK, decoders, models, pre_tokenizers, trainers
+def save_tokenizer(d, vocab_size=300, control=()):
+    """A small byte-level BPE with chat special tokens (and ``control`` special tokens), trained on the spot.
+
+    Returns the transformers tokenizer that was saved.
+    """
+    from tokenizers import AddedToken, Tokenizer as TK, decoders, models, pre_tokenizers, trainers
     tk = TK(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_end|>", "<|im_start|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_end|>", "<|im_start|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tk.train_from_iterator(["please refuse this request", "respond to the user kindly", "hello world"] * 20, trainer)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>",
                                                 bos_token="<|im_start|>", chat_template=CHAT)
+    if control:
+        fast.add_tokens([AddedToken(t, special=True, normalized=False) for t in control], special_tokens=True)
     fast.save_pretrained(d)
+    return fast

@@ -98,7 +98,7 @@ def iter_rows(path) -> Iterator[tuple[int, object]]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        yield from _iter_jsonl(path)
+        yield from iter_jsonl(path)
     elif suffix == ".json":
         yield from _iter_json_array(path)
     elif suffix in (".csv", ".tsv"):
@@ -107,7 +107,8 @@ def iter_rows(path) -> Iterator[tuple[int, object]]:
         raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json or .csv)")
 
 
-def _iter_jsonl(path: Path):
+def iter_jsonl(path: Path):
+    """(line number, decoded value) for each non-blank line; DataError names ``file:line`` on bad JSON."""
     with open(path, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
