@@ -134,6 +134,9 @@ def _decide_sample_kernel(
     total1 = tl.sum(tl.where(tin, s1 * tl.exp(m1 - big_m), 0.0), 0) + tl.sum(tl.exp(zc - big_m), 0)
     p = tl.exp(zc - big_m - tl.log(total1))
     tl.store(probs_ptr + row * probs_stride + cix, tl.where(bad, float("nan"), p), mask=isref)
+    # An invalid row's outputs are overwritten below, but an argmax over all-NaN probabilities raises in
+    # the Triton interpreter (the CPU path), so decide on zeros instead.
+    p = tl.where(bad, 0.0, p)
 
     # Rule 2: refusal decision on first-step rows.
     mode = tl.load(mode_ptr + row)
@@ -255,12 +258,16 @@ def interpreter_enabled() -> bool:
 
 @torch.library.custom_op("rtkern::refusal_sample", mutates_args=("tokens", "probs", "refused"))
 def refusal_sample_op(logits: torch.Tensor, ctl_ids: torch.Tensor, num_refusal: int, thresholds: torch.Tensor,
-                      logit_bias: torch.Tensor, mode: torch.Tensor, temperature: torch.Tensor,
+                      logit_bias: torch.Tensor, row_mode: torch.Tensor, temperature: torch.Tensor,
                       first_step: torch.Tensor, seed: torch.Tensor, position: torch.Tensor,
                       vocab_mask: Optional[torch.Tensor], tokens: torch.Tensor, probs: torch.Tensor,
                       refused: torch.Tensor, decide_only: bool) -> None:
-    """`torch.library` entry so that torch.compile traces around the Triton launch."""
-    refusal_sample_launch(logits, ctl_ids, num_refusal, thresholds, logit_bias, mode, temperature, first_step,
+    """`torch.library` entry so that torch.compile traces around the Triton launch.
+
+    The per-row mode is ``row_mode``: an argument named ``mode`` collides with the keyword that
+    torch.compile's auto-functionalization passes to the op, and tracing fails.
+    """
+    refusal_sample_launch(logits, ctl_ids, num_refusal, thresholds, logit_bias, row_mode, temperature, first_step,
                           seed, position, vocab_mask, tokens, probs, refused, decide_only)
 
 

@@ -130,10 +130,15 @@ def refusal_probs(logits: torch.Tensor, spec: RefusalSpec, *, logit_bias: Option
     """
     backend = _check(logits, spec, None, None, backend)
     B, C = logits.shape[0], spec.num_categories
+    if logit_bias is not None and not isinstance(logit_bias, torch.Tensor):
+        raise TypeError(f"logit_bias must be a float32 [{B}, {C}] tensor, got {type(logit_bias).__name__}")
     if logit_bias is not None and (logit_bias.shape != (B, C) or logit_bias.dtype != torch.float32
                                    or logit_bias.device != logits.device):
         raise ValueError(f"logit_bias must be float32 [{B}, {C}] on {logits.device}, got "
                          f"{logit_bias.dtype} {list(logit_bias.shape)} on {logit_bias.device}")
+    if logit_bias is not None and C > 1 and logit_bias.stride(1) != 1:
+        # The kernel steps through a row's categories with unit stride.
+        raise ValueError(f"logit_bias must be contiguous in its last dim, got strides {list(logit_bias.stride())}")
     if backend == "torch":
         return refusal_probs_reference(logits, spec, logit_bias)
     out = SampleOutput.empty(B, C, logits.device)

@@ -60,12 +60,16 @@ class RefusalSpec:
         if len(ids) == 0:
             raise ValueError("refusal_ids must name at least one token, got an empty sequence")
         for i in ids + ((respond_id,) if respond_id is not None else ()):
-            if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+            if isinstance(i, bool) or not isinstance(i, int):
                 raise TypeError(f"token ids must be non-negative ints, got {i!r}")
+            if i < 0:
+                raise ValueError(f"token ids must be non-negative ints, got {i!r}")
         if len(set(ids)) != len(ids):
             raise ValueError(f"refusal_ids must be distinct, got {list(ids)}")
         if respond_id is not None and respond_id in ids:
             raise ValueError(f"respond_id {respond_id} is also a refusal id in {list(ids)}")
+        if isinstance(names, str):  # would otherwise count as one name per character
+            raise TypeError(f"names must be a sequence of {len(ids)} strings, got the string {names!r}")
         if names is None:
             names = ("refuse",) if len(ids) == 1 else tuple(f"category_{c}" for c in range(len(ids)))
         if len(names) != len(ids):
@@ -110,7 +114,9 @@ class RefusalSpec:
         vocab = tokenizer.get_vocab()
 
         def find(s: str) -> Optional[int]:
-            for cand in (s, " " + s, "\u0120" + s, "\u2581" + s):
+            # Byte-level BPE and sentencepiece vocabularies spell every space, inner ones included
+            # ("\u0120[Humanizing\u0120requests]"), with their own marker.
+            for cand in (s, " " + s, "\u0120" + s.replace(" ", "\u0120"), "\u2581" + s.replace(" ", "\u2581")):
                 if cand in vocab:
                     return int(vocab[cand])
             return None
@@ -270,19 +276,29 @@ class RefusalControls:
         return c
 
     def update_(self, **values) -> "RefusalControls":
-        """Copy new values into the existing tensors (same shapes, no reallocation; CUDA-graph safe)."""
+        """Copy new values into the existing tensors (same shapes, no reallocation; CUDA-graph safe).
+
+        Every value is checked before the first write, so a rejected update leaves the controls as
+        they were.
+        """
+        known = ("thresholds", "logit_bias", "mode", "temperature", "first_step", "seed", "position")
+        unknown = [k for k in values if k not in known + ("vocab_mask",)]
+        if unknown:
+            raise TypeError(f"unknown control {unknown[0]!r}, expected one of {list(known) + ['vocab_mask']}")
         fresh = RefusalControls.build(self.batch, self.num_categories, self.mode.device, **{
-            k: (getattr(self, k) if k not in values else values[k])
-            for k in ("thresholds", "logit_bias", "mode", "temperature", "first_step", "seed", "position")})
+            k: (getattr(self, k) if k not in values else values[k]) for k in known})
+        if "vocab_mask" in values:
+            if self.vocab_mask is None or values["vocab_mask"] is None:
+                raise ValueError("vocab_mask can be updated in place only when both old and new are tensors")
+            mask = _check_mask(values["vocab_mask"], self.batch, self.mode.device)
+            if mask.shape != self.vocab_mask.shape:
+                raise ValueError(f"vocab_mask must keep its shape {list(self.vocab_mask.shape)}, "
+                                 f"got {list(mask.shape)}")
         for k in values:
             if k == "vocab_mask":
-                if self.vocab_mask is None or values[k] is None:
-                    raise ValueError("vocab_mask can be updated in place only when both old and new are tensors")
-                self.vocab_mask.copy_(_check_mask(values[k], self.batch, self.mode.device))
-            elif k in fresh.__dict__:
-                getattr(self, k).copy_(getattr(fresh, k))
+                self.vocab_mask.copy_(mask)
             else:
-                raise TypeError(f"unknown control {k!r}")
+                getattr(self, k).copy_(getattr(fresh, k))
         return self
 
     def check(self, batch: int, num_categories: int, vocab_size: int, device: torch.device) -> None:
