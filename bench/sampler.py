@@ -615,6 +615,7 @@ def _flat(values, default):
 
 
 def run_from_args(args: argparse.Namespace, argv=None) -> int:
+    argv = argv if argv is not None else getattr(args, "_argv_tail", None)  # recorded in the JSON
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but CUDA is not available", file=sys.stderr)

@@ -5,15 +5,16 @@ names a function that adds the command's options to its argparse parser and a ha
 returns the exit status. Handlers import their implementation lazily, so ``rtkern --help`` stays fast
 and a command whose dependencies are missing does not break the others.
 
-To add a command, define ``_configure(parser)`` and ``_run(args) -> int`` and call `register`, e.g.::
+To add a command, put ``configure(parser)`` and ``run(args) -> int`` in a module and call `register_lazy`::
 
-    register(("generate",), "generate text with refusal control", _configure_generate, _run_generate)
+    register_lazy(("generate",), "generate text with refusal control", ".generate_cli")
 
 Registering a path again replaces the previous entry.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -41,90 +42,27 @@ def register(path: Sequence[str], help: str, configure: Callable[[argparse.Argum
     return cmd
 
 
-# ---------------------------------------------------------------------------------------------------
-# bench sampler
-# ---------------------------------------------------------------------------------------------------
+def register_lazy(path: Sequence[str], help: str, module: str, configure: str = "configure",
+                  run: str = "run") -> Command:
+    """Register a command whose ``configure(parser)`` / ``run(args)`` live in ``module`` (imported on use)."""
+    def conf(p: argparse.ArgumentParser) -> None:
+        getattr(importlib.import_module(module, __package__), configure)(p)
 
-def _configure_bench_sampler(p: argparse.ArgumentParser) -> None:
-    from .bench.sampler import add_arguments
-    add_arguments(p)
-
-
-def _run_bench_sampler(args: argparse.Namespace) -> int:
-    from .bench.sampler import run_from_args
-    return run_from_args(args, getattr(args, "_argv_tail", None))
+    def go(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module, __package__), run)(args)
+    return register(path, help, conf, go)
 
 
-register(("bench", "sampler"), "fused refusal sampler vs naive PyTorch / CUDA graph / torch.compile / FlashInfer",
-         _configure_bench_sampler, _run_bench_sampler)
-
-
-# ---------------------------------------------------------------------------------------------------
-# generate, bench decode
-# ---------------------------------------------------------------------------------------------------
-
-def _configure_generate(p: argparse.ArgumentParser) -> None:
-    from .generate_cli import configure
-    configure(p)
-
-
-def _run_generate(args: argparse.Namespace) -> int:
-    from .generate_cli import run
-    return run(args)
-
-
-register(("generate",), "generate text with refusal control; prints answers and refusal probabilities",
-         _configure_generate, _run_generate)
-
-
-def _configure_bench_decode(p: argparse.ArgumentParser) -> None:
-    from .bench.decode import add_arguments
-    add_arguments(p)
-
-
-def _run_bench_decode(args: argparse.Namespace) -> int:
-    from .bench.decode import run_from_args
-    return run_from_args(args)
-
-
-register(("bench", "decode"), "decode ms/step and tok/s: rtkern engine vs transformers generate and gpt-fast style",
-         _configure_bench_decode, _run_bench_decode)
-
-
-# ---------------------------------------------------------------------------------------------------
-# train
-# ---------------------------------------------------------------------------------------------------
-
-def _configure_train(p: argparse.ArgumentParser) -> None:
-    from .train.cli import configure
-    configure(p)
-
-
-def _run_train(args: argparse.Namespace) -> int:
-    from .train.cli import run
-    return run(args)
-
-
-register(("train",), "SFT with refusal tokens (control token as the first assistant token; HF checkpoints)",
-         _configure_train, _run_train)
-
-
-# ---------------------------------------------------------------------------------------------------
-# calibrate
-# ---------------------------------------------------------------------------------------------------
-
-def _configure_calibrate(p: argparse.ArgumentParser) -> None:
-    from .calibrate_cli import configure
-    configure(p)
-
-
-def _run_calibrate(args: argparse.Namespace) -> int:
-    from .calibrate_cli import run
-    return run(args)
-
-
-register(("calibrate",), "score labelled prompts, choose refusal thresholds, write report + thresholds.json",
-         _configure_calibrate, _run_calibrate)
+register_lazy(("bench", "sampler"), "fused refusal sampler vs naive PyTorch / CUDA graph / torch.compile / FlashInfer",
+              ".bench.sampler", "add_arguments", "run_from_args")
+register_lazy(("bench", "decode"), "decode ms/step and tok/s: rtkern engine vs transformers generate and gpt-fast style",
+              ".bench.decode", "add_arguments", "run_from_args")
+register_lazy(("generate",), "generate text with refusal control; prints answers and refusal probabilities",
+              ".generate_cli")
+register_lazy(("train",), "SFT with refusal tokens (control token as the first assistant token; HF checkpoints)",
+              ".train.cli")
+register_lazy(("calibrate",), "score labelled prompts, choose refusal thresholds, write report + thresholds.json",
+              ".calibrate_cli")
 
 
 # ---------------------------------------------------------------------------------------------------
