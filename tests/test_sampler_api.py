@@ -1,0 +1,661 @@
+"""Public sampler API: input validation, controls, refusal_probs, apply_refusal_, torch.compile, from_tokenizer.
+
+tests/test_sampler.py checks the kernel against the reference; this file checks the contract around it
+(DESIGN.md, "Fused sampler contract") through the public entry points, on both backends.
+"""
+import dataclasses
+import re
+
+import pytest
+import torch
+
+import rtkern
+import rtkern.sampler as sampler_mod
+from conftest import DEVICE, ON_GPU
+from rtkern import (CATEGORIES, RefusalControls, RefusalSpec, SampleOutput, apply_refusal_, pack_vocab_mask,
+                    refusal_probs, refusal_sample, unpack_vocab_mask)
+
+BACKENDS = ["torch", "triton"]
+NEG_INF = float("-inf")
+# Expected probabilities are the softmax of the very values the sampler reads (bf16/fp16 logits widen to
+# float32 exactly), so the only error left is float32 arithmetic, whatever the input dtype: ~1e-6
+# relative is observed; 1e-5 leaves room without hiding a wrong normaliser or a dropped tile.
+PROB_RTOL = 1e-5
+
+# A small, valid baseline; every bad-input case below changes exactly one thing.
+B, V, C = 2, 40, 2
+SPEC = RefusalSpec([3, 5], 7)
+
+
+def good_logits(dtype=torch.float32):
+    return torch.randn(B, V, generator=torch.Generator().manual_seed(0)).to(dtype).to(DEVICE)
+
+
+def good_controls(**kw):
+    return RefusalControls.build(B, C, DEVICE, **kw)
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Make any compute path fail loudly, so a check that runs too late shows up as an AssertionError."""
+    def launched(*args, **kwargs):
+        raise AssertionError("a kernel or the reference ran before the bad input was rejected")
+    for name in ("refusal_sample_launch", "sample_reference", "refusal_probs_reference", "_decide_torch"):
+        monkeypatch.setattr(sampler_mod, name, launched)
+
+
+def call(entry, logits, spec, controls, backend, **kw):
+    if entry == "sample":
+        return refusal_sample(logits, spec, controls, backend=backend, **kw)
+    if entry == "probs":
+        return refusal_probs(logits, spec, backend=backend, **kw)
+    return apply_refusal_(logits, spec, controls, backend=backend, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Bad inputs raise before anything runs, naming what was expected and what was given.
+
+BAD_LOGITS = [
+    ("1-d", lambda: torch.randn(V), ValueError, r"\[B, V\], got shape \[40\]"),
+    ("3-d", lambda: torch.randn(B, V, 1), ValueError, r"\[B, V\], got shape \[2, 40, 1\]"),
+    ("int64", lambda: torch.zeros(B, V, dtype=torch.int64), TypeError,
+     r"float32, bfloat16 or float16, got torch.int64"),
+    ("float64", lambda: torch.zeros(B, V, dtype=torch.float64), TypeError, r"float16, got torch.float64"),
+    ("no rows", lambda: torch.zeros(0, V), ValueError, r"non-empty, got shape \[0, 40\]"),
+    ("no vocab", lambda: torch.zeros(B, 0), ValueError, r"non-empty, got shape \[2, 0\]"),
+    ("transposed", lambda: torch.randn(V, B).t(), ValueError,
+     r"contiguous in the vocabulary dim, got strides \[1, 2\]"),
+    ("list", lambda: torch.randn(B, V).tolist(), TypeError, r"torch.Tensor, got list"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("entry", ["sample", "probs", "apply"])
+@pytest.mark.parametrize("make,exc,match", [c[1:] for c in BAD_LOGITS], ids=[c[0] for c in BAD_LOGITS])
+def test_bad_logits_are_rejected(no_launch, entry, backend, make, exc, match):
+    logits = make()
+    if isinstance(logits, torch.Tensor):
+        logits = logits.to(DEVICE)
+    with pytest.raises(exc, match=match):
+        call(entry, logits, SPEC, good_controls(), backend)
+
+
+def _replace(**fields):
+    return lambda: dataclasses.replace(good_controls(), **fields)
+
+
+BAD_CONTROLS = [
+    ("not controls", lambda: {"thresholds": 0.5}, TypeError, r"controls must be RefusalControls, got dict"),
+    # "meta" stands in for a second device: the check compares devices and never reads the values.
+    ("other device", _replace(seed=torch.zeros(B, dtype=torch.int64, device="meta")), ValueError,
+     r"controls.seed is on meta, logits on " + DEVICE.type),
+    ("batch 3 vs 2", lambda: RefusalControls.build(3, C, DEVICE), ValueError,
+     r"controls.thresholds must have shape \[2, 2\], got \[3, 2\]"),
+    ("3 categories vs 2", lambda: RefusalControls.build(B, 3, DEVICE), ValueError,
+     r"controls.thresholds must have shape \[2, 2\], got \[2, 3\]"),
+    ("thresholds 1-d", _replace(thresholds=torch.zeros(B, device=DEVICE)), ValueError,
+     r"controls.thresholds must have shape \[2, 2\], got \[2\]"),
+    ("thresholds float64", _replace(thresholds=torch.zeros(B, C, dtype=torch.float64, device=DEVICE)), TypeError,
+     r"controls.thresholds must be torch.float32, got torch.float64"),
+    ("temperature strided", _replace(temperature=torch.ones(B, 2, device=DEVICE)[:, 0]), ValueError,
+     r"controls.temperature must be contiguous"),
+    ("mode int64", _replace(mode=torch.zeros(B, dtype=torch.int64, device=DEVICE)), TypeError,
+     r"controls.mode must be torch.int32, got torch.int64"),
+    ("mask width", lambda: good_controls(vocab_mask=torch.zeros(B, 3, dtype=torch.int32)), ValueError,
+     r"controls.vocab_mask must have shape \[2, 2\], got \[2, 3\]"),
+    ("mask int64", _replace(vocab_mask=torch.zeros(B, 2, dtype=torch.int64, device=DEVICE)), TypeError,
+     r"controls.vocab_mask must be torch.int32, got torch.int64"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("entry", ["sample", "apply"])
+@pytest.mark.parametrize("make,exc,match", [c[1:] for c in BAD_CONTROLS], ids=[c[0] for c in BAD_CONTROLS])
+def test_bad_controls_are_rejected(no_launch, entry, backend, make, exc, match):
+    with pytest.raises(exc, match=match):
+        call(entry, good_logits(), SPEC, make(), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("entry", ["sample", "probs", "apply"])
+@pytest.mark.parametrize("spec,exc,match", [
+    (RefusalSpec([3, 45], 7), ValueError, r"\[45\] are out of range for a vocabulary of 40"),
+    (RefusalSpec([3, 5], 40), ValueError, r"\[40\] are out of range for a vocabulary of 40"),
+    ((3, 5), TypeError, r"spec must be a RefusalSpec, got tuple"),
+], ids=["refusal id", "respond id", "tuple"])
+def test_spec_that_does_not_fit_the_logits_is_rejected(no_launch, entry, backend, spec, exc, match):
+    with pytest.raises(exc, match=match):
+        call(entry, good_logits(), spec, good_controls(), backend)
+
+
+@pytest.mark.parametrize("entry", ["sample", "probs", "apply"])
+@pytest.mark.parametrize("backend", ["cuda", "Triton", "", "reference"])
+def test_unknown_backend_is_rejected(no_launch, entry, backend):
+    with pytest.raises(ValueError, match=re.escape(f"backend must be 'triton', 'torch' or None, got {backend!r}")):
+        call(entry, good_logits(), SPEC, good_controls(), backend)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the Triton backend needs no interpreter")
+def test_triton_on_cpu_without_interpreter_is_rejected(no_launch, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"backend='triton' needs a CUDA tensor or TRITON_INTERPRET=1"):
+        refusal_sample(good_logits(), SPEC, good_controls(), backend="triton")
+
+
+def _out(tokens=(B,), probs=(B, C), refused=(B,), tdtype=torch.int64, pdtype=torch.float32, rdtype=torch.int32):
+    return SampleOutput(torch.empty(tokens, dtype=tdtype, device=DEVICE),
+                        torch.empty(probs, dtype=pdtype, device=DEVICE),
+                        torch.empty(refused, dtype=rdtype, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("out,exc,match", [
+    (_out(tokens=(3,)), ValueError,
+     r"out.tokens must be a contiguous torch.int64 tensor of shape \[2\].*got torch.int64 \[3\]"),
+    (_out(tdtype=torch.int32), ValueError, r"out.tokens must be a contiguous torch.int64 .*got torch.int32 \[2\]"),
+    (_out(probs=(B, 3)), ValueError,
+     r"out.refusal_probs must be .* shape \[2, 2\].*got torch.float32 \[2, 3\]"),
+    (_out(pdtype=torch.float16), ValueError,
+     r"out.refusal_probs must be a contiguous torch.float32 .*got torch.float16"),
+    (_out(rdtype=torch.int64), ValueError, r"out.refused must be a contiguous torch.int32 .*got torch.int64"),
+    (tuple(_out()), TypeError, r"out must be a SampleOutput, got tuple"),
+], ids=["tokens shape", "tokens dtype", "probs shape", "probs dtype", "refused dtype", "tuple"])
+def test_bad_out_is_rejected(no_launch, backend, out, exc, match):
+    with pytest.raises(exc, match=match):
+        refusal_sample(good_logits(), SPEC, good_controls(), out=out, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias,exc,match", [
+    ([[0.0, 0.0]] * B, TypeError, r"logit_bias must be a float32 \[2, 2\] tensor, got list"),
+    (torch.zeros(B, 3), ValueError, r"logit_bias must be float32 \[2, 2\] on .*got torch.float32 \[2, 3\]"),
+    (torch.zeros(B, C, dtype=torch.float64), ValueError, r"logit_bias must be float32 .*got torch.float64"),
+    # The kernel walks a row's categories with unit stride: a transposed bias would be read wrongly.
+    (torch.zeros(C, B).t(), ValueError, r"logit_bias must be contiguous in its last dim, got strides \[1, 2\]"),
+], ids=["list", "shape", "float64", "transposed"])
+def test_refusal_probs_rejects_bad_logit_bias(no_launch, backend, bias, exc, match):
+    if isinstance(bias, torch.Tensor):
+        bias = bias.to(DEVICE)
+    with pytest.raises(exc, match=match):
+        refusal_probs(good_logits(), SPEC, logit_bias=bias, backend=backend)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(refusal_ids=[]), ValueError, r"at least one token, got an empty sequence"),
+    (dict(refusal_ids=[3, -1]), ValueError, r"non-negative ints, got -1"),
+    (dict(refusal_ids=[3], respond_id=-2), ValueError, r"non-negative ints, got -2"),
+    (dict(refusal_ids=[3, 2.0]), TypeError, r"non-negative ints, got 2.0"),
+    (dict(refusal_ids=[True]), TypeError, r"non-negative ints, got True"),
+    (dict(refusal_ids=[3, 4, 3]), ValueError, r"distinct, got \[3, 4, 3\]"),
+    (dict(refusal_ids=[3, 4], respond_id=4), ValueError, r"respond_id 4 is also a refusal id in \[3, 4\]"),
+    (dict(refusal_ids=[3, 4], names=["a"]), ValueError, r"expected 2 names \(one per refusal id\), got 1"),
+    (dict(refusal_ids=[3], names=["a", "b"]), ValueError, r"expected 1 names \(one per refusal id\), got 2"),
+    # A bare string would otherwise pass as one name per character when the lengths happen to agree.
+    (dict(refusal_ids=[3, 4, 5], names="abc"), TypeError, r"sequence of 3 strings, got the string 'abc'"),
+], ids=["empty", "negative", "negative respond", "float", "bool", "duplicate", "respond is refusal",
+        "too few names", "too many names", "names string"])
+def test_bad_spec_is_rejected(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        RefusalSpec(**kwargs)
+
+
+def test_spec_check_vocab_bounds():
+    spec = RefusalSpec([0, 9], 10)
+    spec.check_vocab(11)
+    with pytest.raises(ValueError, match=r"\[10\] are out of range for a vocabulary of 10"):
+        spec.check_vocab(10)
+    with pytest.raises(ValueError, match=r"\[9, 10\] are out of range for a vocabulary of 9"):
+        spec.check_vocab(9)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(thresholds=float("nan")), ValueError, r"thresholds must be >= 0 and not NaN.*got \[nan"),
+    (dict(thresholds=torch.tensor([0.3, float("nan")])), ValueError, r"thresholds must be >= 0 and not NaN.*nan"),
+    (dict(thresholds=-0.1), ValueError, r"thresholds must be >= 0 .*got \[-0.1"),
+    (dict(temperature=-1.0), ValueError, r"temperature must be finite and >= 0 .*got \[-1.0"),
+    (dict(temperature=float("nan")), ValueError, r"temperature must be finite and >= 0 .*got \[nan"),
+    (dict(temperature=float("inf")), ValueError, r"temperature must be finite and >= 0 .*got \[inf"),
+    (dict(logit_bias=float("inf")), ValueError, r"logit_bias must be finite, got \[inf"),
+    (dict(logit_bias=torch.tensor([0.0, float("-inf")])), ValueError, r"logit_bias must be finite, got .*-inf"),
+    (dict(mode="greedy"), ValueError, r"mode must be one of \['category', 'sum', 'free'\], got 'greedy'"),
+    (dict(mode=["sum", "nope"]), ValueError, r"mode must be one of .*got 'nope'"),
+    (dict(mode=torch.tensor([0, 3])), ValueError,
+     r"mode codes must be 0 \(category\), 1 \(sum\) or 2 \(free\), got \[0, 3\]"),
+    (dict(thresholds=torch.zeros(3)), ValueError,
+     r"thresholds must be a scalar, a \[2\] or a \[2, 2\] tensor, got shape \[3\]"),
+    (dict(temperature=[1.0, 1.0, 1.0]), ValueError,
+     r"temperature must be a scalar or a \[2\] tensor, got shape \[3\]"),
+    (dict(seed=1.5), TypeError, r"seed must be an int, got 1.5"),
+    (dict(seed=torch.tensor([0.5, 1.0])), TypeError, r"seed must hold integers, got a torch.float32 tensor"),
+    (dict(temperature="hot"), TypeError, r"temperature must be a scalar, a sequence or a tensor, got str"),
+    (dict(vocab_mask=torch.zeros(B, 2, dtype=torch.int64)), TypeError, r"vocab_mask must be int32 .*got torch.int64"),
+    (dict(vocab_mask=torch.zeros(3, 2, dtype=torch.int32)), ValueError,
+     r"vocab_mask must be \[2, ceil\(V/32\)\], got \[3, 2\]"),
+    (dict(vocab_mask=[[0, 1]] * B), TypeError, r"vocab_mask must be an int32 tensor, got list"),
+])
+def test_bad_control_values_are_rejected_by_build(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        RefusalControls.build(B, C, DEVICE, **kwargs)
+
+
+@pytest.mark.parametrize("batch", [0, -1, 1.5, True, "2", None])
+def test_bad_batch_is_rejected_by_build(batch):
+    with pytest.raises(ValueError, match=re.escape(f"batch must be a positive int, got {batch!r}")):
+        RefusalControls.build(batch, C)
+
+
+@pytest.mark.parametrize("num_categories", [0, 2.0, False])
+def test_bad_num_categories_is_rejected_by_build(num_categories):
+    with pytest.raises(ValueError,
+                       match=re.escape(f"num_categories must be a positive int, got {num_categories!r}")):
+        RefusalControls.build(B, num_categories)
+
+
+def _snapshot(controls):
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in controls.__dict__.items()}
+
+
+def _assert_unchanged(controls, before):
+    for k, v in before.items():
+        now = getattr(controls, k)
+        assert (now is None) == (v is None), k
+        if v is not None:
+            assert torch.equal(now, v), f"a rejected update_ wrote into controls.{k}"
+
+
+@pytest.mark.parametrize("values,exc,match", [
+    (dict(temperature=0.25, top_k=5), TypeError, r"unknown control 'top_k', expected one of \['thresholds'"),
+    (dict(thresholds=0.9, temperature=-1.0), ValueError, r"temperature must be finite and >= 0"),
+    (dict(temperature=0.25, vocab_mask=torch.zeros(B, 3, dtype=torch.int32)), ValueError,
+     r"vocab_mask must keep its shape \[2, 2\], got \[2, 3\]"),
+    (dict(temperature=0.25, vocab_mask=None), ValueError, r"vocab_mask can be updated in place only when"),
+])
+def test_rejected_update_leaves_controls_untouched(values, exc, match):
+    controls = good_controls(temperature=1.0, thresholds=0.5, vocab_mask=torch.full((B, 2), -1, dtype=torch.int32))
+    before = _snapshot(controls)
+    with pytest.raises(exc, match=match):
+        controls.update_(**values)
+    # Half-applied updates would silently change the next CUDA-graph replay.
+    _assert_unchanged(controls, before)
+
+
+def test_update_mask_on_controls_without_mask_is_rejected():
+    controls = good_controls()
+    with pytest.raises(ValueError, match=r"vocab_mask can be updated in place only when both old and new are tensors"):
+        controls.update_(vocab_mask=torch.zeros(B, 2, dtype=torch.int32))
+    assert controls.vocab_mask is None
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Controls own their buffers.
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_one_defaults_work_on_both_backends(backend):
+    controls = RefusalControls.build(1, 3, DEVICE)
+    for name in ("thresholds", "logit_bias", "mode", "temperature", "first_step", "seed", "position"):
+        t = getattr(controls, name)
+        assert t.is_contiguous() and 0 not in t.stride(), f"{name} has strides {t.stride()}"
+    gen = torch.Generator().manual_seed(1)
+    spec = RefusalSpec([10, 20, 30], 40)
+    logits = torch.randn(1, 97, generator=gen).to(DEVICE)
+    logits[0, 20] = 9.0  # p ~ 0.98 for category 1 against threshold 0.5
+    out = refusal_sample(logits, spec, controls, backend=backend)
+    assert out.tokens.tolist() == [20] and out.refused.tolist() == [1]
+    p = torch.softmax(logits.double(), 1)[:, [10, 20, 30]]
+    torch.testing.assert_close(out.refusal_probs.double(), p, rtol=PROB_RTOL, atol=0)
+    # The same controls once the decision is taken: a later step samples an ordinary token.
+    controls.update_(first_step=False, temperature=0.0)
+    out = refusal_sample(logits, spec, controls, backend=backend)
+    ordinary = logits.clone()
+    ordinary[:, list(spec.control_ids)] = NEG_INF
+    assert out.tokens.tolist() == ordinary.argmax(1).tolist() and out.refused.tolist() == [-1]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_update_never_writes_into_the_callers_tensors(batch):
+    # Same dtype and device as the stored buffers, so a build that kept views would alias them.
+    thr = torch.tensor([0.2, 0.3], device=DEVICE)
+    temp = torch.full((batch,), 0.7, device=DEVICE)
+    seed = torch.arange(batch, device=DEVICE)
+    first = torch.ones(batch, dtype=torch.bool, device=DEVICE)
+    mask_row = torch.full((2,), -1, dtype=torch.int32, device=DEVICE)
+    kept = [t.clone() for t in (thr, temp, seed, first, mask_row)]
+    controls = RefusalControls.build(batch, 2, DEVICE, thresholds=thr, temperature=temp, seed=seed,
+                                     first_step=first, vocab_mask=mask_row)
+    new_thr = torch.rand(batch, 2, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    controls.update_(thresholds=new_thr, temperature=0.0, seed=7, first_step=False,
+                     vocab_mask=torch.zeros(2, dtype=torch.int32, device=DEVICE))
+    for t, k in zip((thr, temp, seed, first, mask_row), kept):
+        assert torch.equal(t, k), "update_ wrote into a tensor the caller passed to build"
+    # Per-row values land in their rows: a stride-0 buffer would hold one row repeated.
+    assert torch.equal(controls.thresholds, new_thr)
+    assert controls.temperature.tolist() == [0.0] * batch and controls.seed.tolist() == [7] * batch
+    assert not controls.first_step.any() and not controls.vocab_mask.any()
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. refusal_probs is softmax(z)[ids] over the full vocabulary.
+
+def probs_case(b, v, c, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    spec = RefusalSpec(torch.randperm(v, generator=gen)[:c].tolist())
+    z = torch.randn(b, v, generator=gen) * 3
+    # Spread the refusal probabilities from negligible to dominant.
+    z[:, list(spec.refusal_ids)] += torch.rand(b, c, generator=gen) * 16 - 4
+    return z.to(dtype).to(DEVICE), spec
+
+
+def softmax64(z, spec, bias=None):
+    z = z.double().clone()
+    if bias is not None:
+        z[:, list(spec.refusal_ids)] += bias.double()
+    return torch.softmax(z, 1)[:, list(spec.refusal_ids)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("v", [111, 1000])
+def test_refusal_probs_equal_float64_softmax(backend, dtype, v):
+    logits, spec = probs_case(5, v, 3, dtype, seed=v)
+    p = refusal_probs(logits, spec, backend=backend)
+    assert p.dtype == torch.float32 and p.shape == (5, 3)
+    torch.testing.assert_close(p.double(), softmax64(logits, spec), rtol=PROB_RTOL, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_refusal_probs_large_vocab_with_row_strided_bias(backend):
+    logits, spec = probs_case(2, 49158, 5, torch.bfloat16, seed=3)
+    # A bias with a row stride but unit category stride is legal and must be read row by row.
+    bias = (torch.randn(2, 8, generator=torch.Generator().manual_seed(4)) * 3)[:, 1:6].to(DEVICE)
+    p = refusal_probs(logits, spec, logit_bias=bias, backend=backend)
+    torch.testing.assert_close(p.double(), softmax64(logits, spec, bias), rtol=PROB_RTOL, atol=0)
+    assert not torch.allclose(p, refusal_probs(logits, spec, backend=backend)), "bias had no effect"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_refusal_probs_nan_on_invalid_rows(backend):
+    logits, spec = probs_case(3, 111, 2, torch.float32, seed=5)
+    logits[1, 50] = float("nan")
+    logits[2] = NEG_INF
+    p = refusal_probs(logits, spec, backend=backend)
+    assert torch.isnan(p[1:]).all()
+    torch.testing.assert_close(p[:1].double(), softmax64(logits[:1], spec), rtol=PROB_RTOL, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. apply_refusal_ makes a downstream sampler take the same decision.
+
+def apply_case(b, v, c, respond, dtype, seed, *, bias, mask, temperature):
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(v, generator=gen)
+    spec = RefusalSpec(perm[:c].tolist(), int(perm[c]) if respond else None)
+    ctl = list(spec.control_ids)
+    z = torch.randn(b, v, generator=gen) * 2
+    # Control tokens near the top of every row, so a rule that forgot to mask them changes argmax and
+    # shows up in the draws.
+    z[:, ctl] = z.max(1, keepdim=True).values + torch.rand(b, len(ctl), generator=gen) * 4 - 1
+    vocab_mask = None
+    if mask:
+        allowed = torch.rand(b, v, generator=gen) < 0.5
+        ordinary = z.clone()
+        ordinary[:, ctl] = NEG_INF
+        allowed[torch.arange(b), ordinary.argmax(1)] = False  # the unmasked argmax must not survive
+        allowed[torch.arange(b), torch.randint(0, v, (b,), generator=gen)] = True
+        allowed[:, ctl] = torch.rand(b, len(ctl), generator=gen) < 0.5  # must not matter: rules govern them
+        vocab_mask = pack_vocab_mask(allowed)
+    modes = torch.tensor([0, 1, 2], dtype=torch.int32)[torch.arange(b) % 3]
+    first = (torch.arange(b) // 3) % 2 == 0
+    thresholds = torch.rand(b, c, generator=gen) * 0.5
+    thresholds[6:9] = 1.5  # above any probability and any sum: these first-step rows never refuse
+    controls = RefusalControls.build(
+        b, c, DEVICE, thresholds=thresholds,
+        logit_bias=(torch.randn(b, c, generator=gen) * 2) if bias else 0.0, mode=modes,
+        temperature=temperature, first_step=first, seed=torch.randint(0, 2**40, (b,), generator=gen),
+        position=torch.arange(b) * 11, vocab_mask=vocab_mask)
+    z[b - 1, 7] = float("nan")  # one invalid row, reported and left alone
+    return z.to(dtype).to(DEVICE), spec, controls
+
+
+def allowed_by_rules(logits, spec, controls, decided):
+    """[B, V] bool: what the contract lets a row emit, from the refusal_sample decision alone."""
+    b, v = logits.shape
+    ctl = list(spec.control_ids)
+    allowed = torch.ones(b, v, dtype=torch.bool, device=logits.device)
+    if controls.vocab_mask is not None:
+        allowed = unpack_vocab_mask(controls.vocab_mask, v)
+    free_first = controls.first_step & (controls.mode == 2)
+    allowed[:, ctl] = free_first[:, None]
+    forced = forced_rows(spec, controls, decided)
+    one_hot = torch.zeros_like(allowed)
+    one_hot[torch.arange(b), decided.tokens.clamp_min(0)] = True
+    return torch.where(forced[:, None], one_hot, allowed), forced, free_first
+
+
+def forced_rows(spec, controls, decided):
+    refusing = decided.refused >= 0
+    answering = torch.full_like(refusing, spec.respond_id is not None)
+    return (decided.tokens >= 0) & controls.first_step & (controls.mode != 2) & (refusing | answering)
+
+
+APPLY_CASES = [  # (C, respond, dtype, bias, mask)
+    (1, True, torch.float32, True, False),
+    (3, True, torch.float32, True, True),
+    (3, False, torch.float32, True, True),
+    (2, False, torch.bfloat16, False, True),  # no bias: it is added in bf16 in place, in fp32 by the sampler
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("c,respond,dtype,bias,mask", APPLY_CASES)
+def test_apply_refusal_greedy_argmax_matches_refusal_sample(backend, c, respond, dtype, bias, mask):
+    b, v = 18, 150
+    logits, spec, controls = apply_case(b, v, c, respond, dtype, seed=10 * c + respond,
+                                        bias=bias, mask=mask, temperature=0.0)
+    original = logits.clone()
+    decided = refusal_sample(original, spec, controls, backend=backend)
+    # A view with a row stride: the rewrite must land in the caller's storage and nowhere else.
+    storage = torch.full((b, v + 5), 7.0, dtype=dtype, device=DEVICE)
+    view = storage[:, :v]
+    view.copy_(logits)
+    ptr = view.data_ptr()
+    res = apply_refusal_(view, spec, controls, backend=backend)
+    assert view.data_ptr() == ptr and view.dtype == dtype
+    assert (storage[:, v:] == 7.0).all()
+
+    valid = decided.tokens >= 0
+    assert not valid[-1] and valid[:-1].all()
+    assert torch.equal(view.argmax(1)[valid], decided.tokens[valid])
+
+    allowed, forced, free_first = allowed_by_rules(original, spec, controls, decided)
+    # The case must exercise every rule, or the comparisons above prove little.
+    refusing = forced & (decided.refused >= 0)
+    assert refusing.any() and (~controls.first_step).any() and (free_first & valid).any()
+    assert (forced & ~refusing).any() == respond
+    assert (controls.first_step & (controls.mode != 2) & ~forced & valid).any() != respond
+
+    # Forced rows are one-hot at 0; others keep their logits where allowed and -inf elsewhere.
+    expect = torch.where(allowed, original, torch.tensor(NEG_INF, dtype=dtype, device=DEVICE))
+    expect[forced] = torch.where(allowed[forced], 0.0, NEG_INF).to(dtype)
+    rid = list(spec.refusal_ids)
+    biased = (original[:, rid].float() + controls.logit_bias).to(dtype)
+    expect[:, rid] = torch.where(free_first[:, None] & ~forced[:, None], biased, expect[:, rid])
+    # The invalid row is not forced: it keeps its NaN (unless masked) for the downstream sampler to see.
+    torch.testing.assert_close(view, expect, rtol=0, atol=0, equal_nan=True)
+
+    assert torch.equal(res.tokens, torch.where(forced, decided.tokens, -1))
+    assert torch.equal(res.refused[~free_first], decided.refused[~free_first])
+    assert res.refused[-1] == -2
+    torch.testing.assert_close(res.refusal_probs[valid], decided.refusal_probs[valid], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_apply_refusal_sampled_rows_never_draw_forbidden_tokens(backend):
+    b, v, temp = 18, 150, 0.8
+    logits, spec, controls = apply_case(b, v, 3, True, torch.float32, seed=21, bias=True, mask=True,
+                                        temperature=temp)
+    decided = refusal_sample(logits, spec, controls, backend=backend)
+    allowed, forced, free_first = allowed_by_rules(logits, spec, controls, decided)
+    rewritten = logits.clone()
+    apply_refusal_(rewritten, spec, controls, backend=backend)
+    valid = decided.tokens >= 0
+    probs = torch.softmax(rewritten[valid].float() / temp, 1)
+    draws = torch.multinomial(probs.cpu(), 400, replacement=True, generator=torch.Generator().manual_seed(22))
+    ok = allowed[valid].cpu().gather(1, draws)
+    assert ok.all(), f"rows {valid.nonzero()[:, 0][~ok.all(1)].tolist()} drew tokens the rules forbid"
+    assert (draws[forced[valid].cpu()] == decided.tokens[valid & forced].cpu()[:, None]).all()
+    # The control tokens sit near the top, so free rows must actually draw them: not over-masked.
+    ctl = torch.tensor(spec.control_ids)
+    assert torch.isin(draws[free_first[valid].cpu()], ctl).any()
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. torch.compile traces around the custom op; opcheck validates its registration.
+
+def compile_case():
+    gen = torch.Generator().manual_seed(30)
+    spec = RefusalSpec([3, 5, 60], 7)
+    logits = torch.randn(6, 100, generator=gen).to(DEVICE)
+    logits[:, [3, 5, 60]] += torch.rand(6, 3, generator=gen) * 6
+    controls = RefusalControls.build(
+        6, 3, DEVICE, thresholds=0.05, temperature=torch.tensor([0.0, 0.7, 1.0, 1.3, 0.0, 0.9]),
+        first_step=torch.tensor([True, True, False, False, True, True]),
+        mode=["category", "sum", "category", "free", "free", "category"], seed=torch.arange(6) + 100,
+        vocab_mask=pack_vocab_mask(torch.rand(6, 100, generator=gen) < 0.7))
+    return logits, spec, controls
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph_matches_eager(backend):
+    logits, spec, controls = compile_case()
+
+    def fn(x, out):
+        # Work before and after the sampler, so the op must sit inside a real graph.
+        res = rtkern.refusal_sample(x * 1.25, spec, controls, out=out, backend=backend)
+        probs = rtkern.refusal_probs(x, spec, backend=backend)
+        return res.tokens + 1, res.refusal_probs * 2, res.refused, probs
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    out_c, out_e = SampleOutput.empty(6, 3, DEVICE), SampleOutput.empty(6, 3, DEVICE)
+    got, want = compiled(logits, out_c), fn(logits, out_e)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    for g, w in zip(out_c, out_e):  # out= buffers passed into the graph are filled in place
+        assert torch.equal(g, w)
+    assert (want[2] >= 0).any() and (want[2] == -1).any()
+
+
+@pytest.mark.skipif(not hasattr(torch.library, "opcheck"), reason="torch.library.opcheck is unavailable")
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_custom_op_passes_opcheck(with_mask):
+    logits, spec, controls = compile_case()
+    out = SampleOutput.empty(6, 3, DEVICE)
+    args = (logits, spec.ids_tensor(DEVICE), spec.num_categories, controls.thresholds, controls.logit_bias,
+            controls.mode, controls.temperature, controls.first_step, controls.seed, controls.position,
+            controls.vocab_mask if with_mask else None, out.tokens, out.refusal_probs, out.refused, False)
+    torch.library.opcheck(torch.ops.rtkern.refusal_sample.default, args)
+    # opcheck works on copies; through the dispatcher the op fills the caller's buffers like the public API.
+    torch.ops.rtkern.refusal_sample(*args)
+    ref = refusal_sample(logits, spec, controls if with_mask else dataclasses.replace(controls, vocab_mask=None),
+                         backend="triton")
+    assert torch.equal(out.tokens, ref.tokens) and torch.equal(out.refused, ref.refused)
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. RefusalSpec.from_tokenizer finds the control tokens however the checkpoint spells them.
+
+class StubTokenizer:
+    """Only what from_tokenizer uses: get_vocab()."""
+
+    def __init__(self, strings):
+        self._vocab = {s: i for i, s in enumerate(strings)}
+
+    def get_vocab(self):
+        return dict(self._vocab)
+
+
+FILLER = ["a", "b", "hello", "Ġworld", "▁the", "[UNK]"]
+
+
+def _hf_tokenizer(special=(), plain=()):
+    from tokenizers import Tokenizer, models
+    tok = Tokenizer(models.WordLevel({s: i for i, s in enumerate(FILLER)}, unk_token="[UNK]"))
+    tok.add_special_tokens(list(special))
+    tok.add_tokens(list(plain))  # the paper checkpoints' tokens are ordinary added tokens: " [refuse]"
+    return tok
+
+
+def _expect(tok, strings, respond):
+    vocab = tok.get_vocab()
+    return [vocab[s] for s in strings], (vocab[respond] if respond is not None else None)
+
+
+@pytest.mark.parametrize("prefix", ["", " ", "Ġ", "▁"], ids=["special", "space", "byte-level", "sentencepiece"])
+def test_from_tokenizer_single(prefix):
+    tok = StubTokenizer(FILLER + [prefix + "[refuse]", prefix + "[respond]"])
+    spec = RefusalSpec.from_tokenizer(tok, "single")
+    ids, respond = _expect(tok, [prefix + "[refuse]"], prefix + "[respond]")
+    assert spec.refusal_ids == tuple(ids) and spec.respond_id == respond and spec.names == ("refuse",)
+
+
+@pytest.mark.parametrize("paper", [False, True])
+def test_from_tokenizer_with_hf_tokenizers(paper):
+    p = " " if paper else ""
+    strings = [p + "[refuse]", p + "[respond]"]
+    tok = _hf_tokenizer(plain=strings) if paper else _hf_tokenizer(special=strings)
+    spec = RefusalSpec.from_tokenizer(tok, "single")
+    ids, respond = _expect(tok, strings[:1], strings[1])
+    assert spec.refusal_ids == tuple(ids) and spec.respond_id == respond
+    assert spec.refusal_ids[0] >= len(FILLER) and spec.respond_id >= len(FILLER)
+
+
+@pytest.mark.parametrize("spelling", ["special", "paper", "byte-level"])
+def test_from_tokenizer_category(spelling):
+    strings = [f"[{c}]" for c in CATEGORIES]
+    if spelling == "paper":
+        strings = [" " + s for s in strings]
+    elif spelling == "byte-level":  # inner spaces are spelled Ġ as well
+        strings = ["Ġ" + s.replace(" ", "Ġ") for s in strings]
+    # Vocabulary order unlike category order, so a spec that followed the vocabulary would be wrong.
+    tok = StubTokenizer(FILLER + strings[::-1][:2] + ["[respond]"] + strings[::-1][2:])
+    spec = RefusalSpec.from_tokenizer(tok, "category", require_respond=True)
+    ids, respond = _expect(tok, strings, "[respond]")
+    assert spec.refusal_ids == tuple(ids) and spec.respond_id == respond
+    assert spec.names == tuple(CATEGORIES) and spec.num_categories == 5
+
+
+def test_from_tokenizer_category_with_hf_paper_tokens():
+    strings = [f" [{c}]" for c in CATEGORIES]
+    tok = _hf_tokenizer(plain=strings)
+    spec = RefusalSpec.from_tokenizer(tok, "category")
+    assert spec.refusal_ids == tuple(_expect(tok, strings, None)[0]) and spec.respond_id is None
+
+
+def test_from_tokenizer_prefers_the_exact_string():
+    tok = StubTokenizer(FILLER + [" [refuse]", "[refuse]", "Ġ[refuse]"])
+    assert RefusalSpec.from_tokenizer(tok).refusal_ids == (tok.get_vocab()["[refuse]"],)
+
+
+def test_from_tokenizer_missing_tokens_are_named():
+    strings = [f"[{c}]" for c in CATEGORIES if c != "Unsupported requests"]
+    tok = StubTokenizer(FILLER + strings + ["[respond]"])
+    with pytest.raises(ValueError,
+                       match=re.escape("no control tokens ['[Unsupported requests]'] for scheme 'category'")):
+        RefusalSpec.from_tokenizer(tok, "category")
+    with pytest.raises(ValueError, match=re.escape("no control tokens ['[refuse]'] for scheme 'single'")):
+        RefusalSpec.from_tokenizer(StubTokenizer(FILLER), "single")
+    # "[refuse ]" or a bare "refuse" is a different token, not a spelling of "[refuse]".
+    with pytest.raises(ValueError, match=r"no control tokens"):
+        RefusalSpec.from_tokenizer(StubTokenizer(FILLER + ["refuse", "[refuse ]", "Ġrefuse"]), "single")
+
+
+def test_from_tokenizer_respond_is_optional_unless_required():
+    tok = StubTokenizer(FILLER + ["[refuse]"])
+    assert RefusalSpec.from_tokenizer(tok).respond_id is None
+    with pytest.raises(ValueError, match=re.escape("tokenizer has no '[respond]' token")):
+        RefusalSpec.from_tokenizer(tok, require_respond=True)
+
+
+def test_from_tokenizer_unknown_scheme():
+    with pytest.raises(ValueError, match=r"scheme must be 'single' or 'category', got 'multi'"):
+        RefusalSpec.from_tokenizer(StubTokenizer(FILLER + ["[refuse]"]), "multi")
