@@ -163,7 +163,8 @@ def apply_refusal_(logits: torch.Tensor, spec: RefusalSpec, controls: RefusalCon
     First-step rows that refuse (or answer with ``[respond]``) become one-hot: the forced token 0,
     everything else -inf. Other rows get every control token set to -inf, except first-step ``free``
     rows, whose refusal logits only receive ``logit_bias``. Disallowed tokens of ``vocab_mask`` become
-    -inf. Rows that are invalid (NaN/+inf logits) are reported with ``refused = -2``.
+    -inf. Rows that are invalid (NaN/+inf logits, or no allowed token left) are reported with
+    ``refused = -2`` and ``tokens = -1``, as `refusal_sample` reports them.
 
     Returns a SampleOutput whose ``tokens`` hold the forced token or -1 (sample downstream).
     """
@@ -189,4 +190,7 @@ def apply_refusal_(logits: torch.Tensor, spec: RefusalSpec, controls: RefusalCon
     logits.masked_fill_(forced[:, None], neg)
     logits.scatter_(1, res.tokens.clamp_min(0)[:, None],
                     torch.where(forced[:, None], torch.zeros_like(neg), logits.gather(1, res.tokens.clamp_min(0)[:, None])))
+    # Rule 5 as refusal_sample applies it: a row left with no allowed token is invalid, not "answer".
+    empty = ~forced & (logits == neg).all(1)
+    res.refused.copy_(torch.where(empty, -2, res.refused))
     return res

@@ -659,3 +659,16 @@ def test_from_tokenizer_respond_is_optional_unless_required():
 def test_from_tokenizer_unknown_scheme():
     with pytest.raises(ValueError, match=r"scheme must be 'single' or 'category', got 'multi'"):
         RefusalSpec.from_tokenizer(StubTokenizer(FILLER + ["[refuse]"]), "multi")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_apply_refusal_reports_rows_with_no_allowed_token_like_refusal_sample(backend):
+    spec = RefusalSpec([10, 11])
+    logits = torch.randn(2, 100)
+    allowed = torch.ones(2, 100, dtype=torch.bool)
+    allowed[1] = False
+    ctl = RefusalControls.build(2, 2, thresholds=2.0, vocab_mask=pack_vocab_mask(allowed))
+    want = refusal_sample(logits.clone(), spec, ctl, backend=backend)
+    got = apply_refusal_(logits, spec, ctl, backend=backend)
+    assert want.refused.tolist() == got.refused.tolist() == [-1, -2]
+    assert got.tokens[1].item() == -1
