@@ -30,6 +30,6 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3"]},
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3.2"]},
     entry_points={"console_scripts": ["rtkern=rtkern.cli:main"]},
 )

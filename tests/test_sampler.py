@@ -218,7 +218,7 @@ def test_no_respond_token_samples_without_refusal_tokens():
 
 def test_free_mode_draws_control_tokens_and_reports_them():
     spec = RefusalSpec([3, 9], respond_id=11)
-    B = 400
+    B = 400 if ON_GPU else 250
     z = probs_logits((0.3, 0.2)).to(DEVICE)
     z[11] = math.log(0.3)
     z = z[None].expand(B, -1).contiguous()
@@ -237,7 +237,8 @@ def chi2_critical(df, z=3.719):
 
 @pytest.mark.parametrize("case", ["later", "later-masked-T0.6", "free-first"])
 def test_sampled_frequencies_follow_the_masked_softmax(case):
-    V, B = 40, 6000
+    # The interpreter runs programs one by one (~30 ms each): fewer bins need fewer draws on the CPU.
+    V, B = (40, 6000) if ON_GPU else (24, 1000)
     gen = torch.Generator().manual_seed(11)
     spec = RefusalSpec([2, 5], respond_id=7)
     z = torch.randn(V, generator=gen) * 1.2
@@ -257,9 +258,13 @@ def test_sampled_frequencies_follow_the_masked_softmax(case):
     expected /= expected.sum()
     counts = torch.bincount(out.tokens.cpu(), minlength=V).double()
     assert counts[~ok].sum() == 0, "a masked or control token was drawn"
-    e = expected[ok] * B
-    chi2 = float(((counts[ok] - e) ** 2 / e).sum())
-    assert chi2 < chi2_critical(int(ok.sum()) - 1), chi2
+    e, c = expected[ok] * B, counts[ok]
+    # Pool the bins expecting fewer than 5 draws: the chi-square law is a poor fit for them.
+    small = e < 5
+    e = torch.cat([e[~small], e[small].sum()[None]]) if small.any() else e
+    c = torch.cat([c[~small], c[small].sum()[None]]) if small.any() else c
+    chi2 = float(((c - e) ** 2 / e).sum())
+    assert chi2 < chi2_critical(len(e) - 1), chi2
 
 
 def test_batch_invariance_and_seed_reproducibility():
