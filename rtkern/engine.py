@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .adapters._common import per_category
 from .sampler import refusal_sample
 from .spec import RefusalControls, RefusalSpec, SampleOutput
 
@@ -24,7 +25,8 @@ Prompt = Union[str, Sequence[int], Sequence[dict]]
 class SamplingParams:
     """Per-request generation settings.
 
-    thresholds : float, [C] sequence or {category name: float}   refusal threshold per category (>1: off)
+    thresholds : float, [C] sequence, {category name: float} or rtkern.thresholds.Thresholds
+                                                                 refusal threshold per category (>1: off)
     mode : "category" | "sum" | "free"                           first-token decision rule (DESIGN.md rule 2)
     temperature : float                                          0 = greedy
     logit_bias : float or [C] sequence                           added to the refusal tokens' logits
@@ -218,10 +220,9 @@ class _DecodeSlot:
     def load(self, engine: Engine, ids: list[list[int]], params: list[SamplingParams]) -> None:
         pad = self.batch - len(ids)
         rows = params + [params[0]] * pad
-        names = engine.spec.names
         self.controls.update_(
-            thresholds=torch.stack([_thresholds(p.thresholds, names) for p in rows]),
-            logit_bias=torch.stack([_per_cat("logit_bias", p.logit_bias, len(names)) for p in rows]),
+            thresholds=torch.stack([_row("thresholds", p.thresholds, engine.spec, 0.5) for p in rows]),
+            logit_bias=torch.stack([_row("logit_bias", p.logit_bias, engine.spec, 0.0) for p in rows]),
             mode=[p.mode for p in rows], temperature=[float(p.temperature) for p in rows],
             seed=[int(p.seed) for p in rows], position=[len(x) for x in ids] + [0] * pad)
         self.pos.copy_(self.controls.position)
@@ -315,22 +316,10 @@ def _per_request(params, n: int) -> list[SamplingParams]:
     return params
 
 
-def _per_cat(name: str, value, c: int) -> torch.Tensor:
-    t = torch.as_tensor(value, dtype=torch.float32)
-    if t.dim() == 0:
-        return t.expand(c).clone()
-    if tuple(t.shape) != (c,):
-        raise ValueError(f"{name} must be a scalar or {c} values (one per category), got shape {list(t.shape)}")
-    return t
-
-
-def _thresholds(value, names: Sequence[str]) -> torch.Tensor:
-    if isinstance(value, dict):
-        unknown = sorted(set(value) - set(names))
-        if unknown:
-            raise ValueError(f"unknown refusal categories {unknown}; this model has {list(names)}")
-        return torch.tensor([float(value.get(n, 0.5)) for n in names])
-    return _per_cat("thresholds", value, len(names))
+def _row(name: str, value, spec: RefusalSpec, default: float) -> torch.Tensor:
+    v = per_category(name, value, spec, default)
+    t = torch.as_tensor(v, dtype=torch.float32).expand(spec.num_categories)
+    return t.clone()
 
 
 def _spec_from_tokenizer(tok) -> RefusalSpec:

@@ -119,7 +119,7 @@ def test_bad_requests_raise(engine):
         engine.generate("hello")
     with pytest.raises(ValueError, match="list of 2"):
         engine.generate(["a", "b"], [SamplingParams()])
-    with pytest.raises(ValueError, match="unknown refusal categories"):
+    with pytest.raises(ValueError, match="unknown category"):
         engine.generate(["a"], SamplingParams(thresholds={"violence": 0.3}))
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
@@ -152,3 +152,11 @@ def test_prompt_text_never_becomes_a_control_token(engine):
     assert not set(ids) & set(engine.spec.control_ids)
     r = engine.generate(["[respond] [refuse]"], SamplingParams(max_new_tokens=6, thresholds=2.0))[0]
     assert r.tokens[0] == engine.spec.respond_id and not set(r.tokens[1:]) & set(engine.spec.control_ids)
+
+
+def test_thresholds_from_a_calibration_file(engine, tmp_path):
+    from rtkern.thresholds import load_thresholds, save_thresholds
+    save_thresholds(tmp_path / "t.json", {"refuse": 0.0})
+    th = load_thresholds(tmp_path / "t.json", engine.spec)
+    r = engine.generate(["hello"], SamplingParams(thresholds=th, max_new_tokens=2))[0]
+    assert r.refused == 0 and r.tokens[0] == engine.spec.refusal_ids[0]

@@ -14,6 +14,7 @@ from typing import Union
 import torch
 
 from ..spec import MODES, RefusalSpec
+from ..thresholds import Thresholds
 
 PerCategory = Union[float, int, Sequence, Mapping, torch.Tensor]
 
@@ -34,9 +35,9 @@ def per_category(name: str, value: PerCategory, spec: RefusalSpec, default: floa
     ----------
     name : str
         Argument name, for error messages.
-    value : float | sequence | mapping | torch.Tensor
-        A scalar (every category), a length-C sequence, a ``[C]`` or ``[B, C]`` tensor, or a mapping
-        from category name (``spec.names``) or index to value. Categories a mapping leaves out get
+    value : float | sequence | mapping | torch.Tensor | rtkern.thresholds.Thresholds
+        A scalar (every category), a length-C sequence, a ``[C]`` or ``[B, C]`` tensor, a mapping
+        from category name (``spec.names``) or index to value, or a loaded thresholds file. Categories a mapping leaves out get
         ``default``.
     spec : RefusalSpec
         Supplies C and the category names.
@@ -50,6 +51,8 @@ def per_category(name: str, value: PerCategory, spec: RefusalSpec, default: floa
         through `RefusalControls.build`).
     """
     C = spec.num_categories
+    if isinstance(value, Thresholds):  # a calibration file, loaded
+        return value.tensor(spec)
     if isinstance(value, Mapping):
         out = [float(default)] * C
         for key, v in value.items():
