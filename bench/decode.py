@@ -38,17 +38,13 @@ import torch
 
 from rtkern.spec import RefusalSpec
 
-H100_BANDWIDTH = 3.02e12
+from .sampler import DTYPES, H100_BANDWIDTH, Unavailable, environment
+
 DEFAULT_OUT = Path("results") / "bench-decode"
 METHODS = ("rtkern", "rtkern-compile", "gpt-fast", "hf-dynamic", "hf-static")
 GPU_METHODS = METHODS
 CPU_METHODS = ("rtkern", "hf-dynamic", "hf-static")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 RANDOM_SUFFIX = "-random"
-
-
-class Unavailable(RuntimeError):
-    """A method that cannot run here (e.g. CUDA graphs on a CPU): reported as skipped."""
 
 
 @dataclass
@@ -266,8 +262,6 @@ def plot(rows: Sequence[Row], path: Path) -> Path:
 def run(models: Sequence[str], batches: Sequence[int], methods: Sequence[str], device, dtype: str, *,
         prompt: int, new: int, reps: int, bandwidth: float, out_dir: Path, progress: bool = True) -> list[Row]:
     from tqdm import tqdm
-
-    from .sampler import environment
     rows = []
     bar = tqdm(total=len(models) * len(batches) * len(methods), disable=not progress, desc="bench decode")
     for name in models:

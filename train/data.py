@@ -305,20 +305,21 @@ def _preference(row, where, split):
     return Record(_text(row, "prompt"), response, "respond", "contrast", where, _opt_id(row))
 
 
+def _instruction(row, where, context: str, response: str) -> Record:
+    # Alpaca and Dolly differ only in field names: an instruction, optional context, an answer.
+    ctx = row.get(context) or ""
+    if not isinstance(ctx, str):
+        raise TypeError(f"field {context!r} must be a string, got {type(ctx).__name__}")
+    prompt = _text(row, "instruction") + (f"\n\n{ctx}" if ctx.strip() else "")
+    return Record(prompt, _text(row, response), "respond", "respond", where, _opt_id(row))
+
+
 def _alpaca(row, where, split):
-    inp = row.get("input") or ""
-    if not isinstance(inp, str):
-        raise TypeError(f"field 'input' must be a string, got {type(inp).__name__}")
-    prompt = _text(row, "instruction") + (f"\n\n{inp}" if inp.strip() else "")
-    return Record(prompt, _text(row, "output"), "respond", "respond", where, _opt_id(row))
+    return _instruction(row, where, "input", "output")
 
 
 def _dolly(row, where, split):
-    ctx = row.get("context") or ""
-    if not isinstance(ctx, str):
-        raise TypeError(f"field 'context' must be a string, got {type(ctx).__name__}")
-    prompt = _text(row, "instruction") + (f"\n\n{ctx}" if ctx.strip() else "")
-    return Record(prompt, _text(row, "response"), "respond", "respond", where, _opt_id(row))
+    return _instruction(row, where, "context", "response")
 
 
 def _self_instruct(row, where, split):
