@@ -1,0 +1,235 @@
+"""The decoder's Triton kernels against their torch references, and the fused decode step against the model.
+
+On CPU the kernels run through the Triton interpreter, so shapes stay small; on a GPU the same tests
+add model-sized shapes.
+"""
+import pytest
+import torch
+
+from rtkern import RefusalSpec, fused_decode
+from rtkern.engine import Engine, SamplingParams
+from rtkern.kernels.decode_attention import decode_attention, decode_attention_reference
+from rtkern.kernels.rmsnorm import add_rmsnorm, add_rmsnorm_reference
+from rtkern.kernels.rope_cache import rope_cache_update, rope_cache_update_reference, rope_table
+from rtkern.kernels.swiglu import swiglu, swiglu_reference
+from rtkern.model import ModelArgs, Transformer, rope_inv_freq
+
+from conftest import DEVICE, ON_GPU
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# float32 results differ from torch only by summation order; half types are rounded the way torch rounds
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=8e-3, atol=1e-2),
+       torch.float16: dict(rtol=1e-3, atol=1e-3)}
+
+
+def _gen(seed):
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+def _randn(*shape, dtype, seed, scale=1.0):
+    return (torch.randn(*shape, generator=_gen(seed), device=DEVICE) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,D", [(1, 64), (3, 576), (5, 1000)] + ([(32, 4096), (257, 2048)] if ON_GPU else []))
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rmsnorm_matches_torch(dtype, M, D, with_residual):
+    x, w = _randn(M, D, dtype=dtype, seed=M * D), _randn(D, dtype=dtype, seed=D + 1)
+    res = _randn(M, D, dtype=dtype, seed=M + D, scale=4.0) if with_residual else None
+    out, total = add_rmsnorm(x, w, 1e-5, res)
+    ref_out, ref_total = add_rmsnorm_reference(x, w, 1e-5, res)
+    torch.testing.assert_close(total, ref_total, rtol=0, atol=0)   # the same rounded add
+    torch.testing.assert_close(out, ref_out, **TOL[dtype])
+    if not with_residual:
+        assert total is x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,I", [(1, 1), (2, 100), (3, 1536), (2, 2500)] + ([(32, 14336)] if ON_GPU else []))
+def test_swiglu_matches_torch(dtype, M, I):
+    gu = _randn(M, 2 * I, dtype=dtype, seed=M * I, scale=3.0)
+    torch.testing.assert_close(swiglu(gu), swiglu_reference(gu), **TOL[dtype])
+
+
+def _caches(B, n_kv, S, Dh, dtype, seed):
+    k, v = _randn(B + 1, n_kv, S, Dh, dtype=dtype, seed=seed), _randn(B + 1, n_kv, S, Dh, dtype=dtype, seed=seed + 1)
+    return k, v
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H,n_kv,Dh", [(4, 4, 16), (9, 3, 64), (6, 2, 24)] + ([(32, 8, 128)] if ON_GPU else []))
+def test_rope_cache_update_matches_torch(dtype, H, n_kv, Dh):
+    B, S = 3, 40
+    args = ModelArgs(dim=H * Dh, n_layers=1, n_heads=H, n_kv_heads=n_kv, rope_theta=5000.0,
+                     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    table = rope_table(rope_inv_freq(args).to(DEVICE), S)
+    qkv = _randn(B, (H + 2 * n_kv) * Dh, dtype=dtype, seed=H * Dh)
+    pos = torch.tensor([0, S - 1, 17], device=DEVICE)
+    k, v = _caches(B, n_kv, S, Dh, dtype, seed=7)
+    k_ref, v_ref, qkv_ref = k.clone(), v.clone(), qkv.clone()
+    q = rope_cache_update(qkv, pos, table, k, v, H, n_kv)
+    q_ref = rope_cache_update_reference(qkv_ref, pos, table, k_ref, v_ref, H, n_kv)
+    torch.testing.assert_close(q, q_ref, **TOL[dtype])
+    torch.testing.assert_close(k, k_ref, **TOL[dtype])     # every other slot untouched
+    torch.testing.assert_close(v, v_ref, rtol=0, atol=0)
+
+
+def test_rope_table_matches_the_model_rotation():
+    args = ModelArgs(dim=64, n_layers=1, n_heads=4, rope_theta=10000.0)
+    table = rope_table(rope_inv_freq(args), 50)
+    ang = torch.arange(50.0)[:, None] * rope_inv_freq(args)
+    torch.testing.assert_close(table, torch.cat((ang.cos(), ang.sin()), -1))
+
+
+ATTN_SHAPES = [(1, 4, 4, 16, 16), (3, 9, 3, 70, 64), (2, 6, 2, 33, 24), (4, 8, 1, 50, 32)]
+if ON_GPU:
+    ATTN_SHAPES += [(1, 32, 8, 4096, 128), (32, 9, 3, 512, 64)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,H,n_kv,S,Dh", ATTN_SHAPES)
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_decode_attention_matches_torch(dtype, B, H, n_kv, S, Dh, chunk):
+    k, v = _caches(B, n_kv, S, Dh, dtype, seed=S)
+    # q as a strided view into a wider buffer, as the fused q/k/v projection hands it over
+    q = _randn(B, H + 2 * n_kv, Dh, dtype=dtype, seed=H)[:, :H]
+    pos = torch.randint(0, S, (B,), generator=_gen(B), device=DEVICE)
+    pos[0] = 0 if B > 1 else S - 1
+    pos[-1] = S - 1
+    out = decode_attention(q, k, v, pos, chunk=chunk)
+    torch.testing.assert_close(out, decode_attention_reference(q, k, v, pos), **TOL[dtype])
+
+
+def test_decode_attention_ignores_slots_past_the_position():
+    B, H, S, Dh = 2, 4, 48, 16
+    k, v = _caches(B, 2, S, Dh, torch.float32, seed=1)
+    q = _randn(B, H, Dh, dtype=torch.float32, seed=2)
+    pos = torch.tensor([5, 30], device=DEVICE)
+    before = decode_attention(q, k, v, pos, chunk=16)
+    k[:, :, 31:], v[:, :, 31:] = float("nan"), 1e4
+    k[0, :, 6:], v[0, :, 6:] = float("nan"), 1e4
+    torch.testing.assert_close(decode_attention(q, k, v, pos, chunk=16), before)
+
+
+def _bad(fn, exc, match):
+    with pytest.raises(exc, match=match):
+        fn()
+
+
+def test_bad_inputs_raise_before_launch():
+    f32 = dict(device=DEVICE, dtype=torch.float32)
+    x, w = torch.randn(2, 8, **f32), torch.ones(8, **f32)
+    _bad(lambda: add_rmsnorm(x[0], w, 1e-5), ValueError, "2-D")
+    _bad(lambda: add_rmsnorm(x.int(), w, 1e-5), TypeError, "float32")
+    _bad(lambda: add_rmsnorm(x, torch.ones(7, **f32), 1e-5), ValueError, r"weight must be .*\[8\]")
+    _bad(lambda: add_rmsnorm(x, w.half(), 1e-5), ValueError, "weight")
+    _bad(lambda: add_rmsnorm(x, w, 1e-5, torch.randn(3, 8, **f32)), ValueError, "residual")
+    _bad(lambda: add_rmsnorm(torch.randn(8, 2, **f32).t(), w, 1e-5), ValueError, "contiguous")
+    _bad(lambda: swiglu(torch.randn(2, 7, **f32)), ValueError, r"\[M, 2I\]")
+    _bad(lambda: swiglu(torch.ones(2, 8, dtype=torch.int64, device=DEVICE)), TypeError, "float32")
+    q, k = torch.randn(2, 4, 16, **f32), torch.randn(2, 2, 32, 16, **f32)
+    pos = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    _bad(lambda: decode_attention(q, k, k, pos.int()), ValueError, "int64")
+    _bad(lambda: decode_attention(q, k, k, pos[:1]), ValueError, r"pos must be a \[2\]")
+    _bad(lambda: decode_attention(q, torch.randn(2, 3, 32, 16, **f32), torch.randn(2, 3, 32, 16, **f32), pos),
+         ValueError, "Hkv dividing")
+    _bad(lambda: decode_attention(q, k, k.half(), pos), ValueError, "v_cache")
+    _bad(lambda: decode_attention(q, k[:1], k[:1], pos), ValueError, "k_cache")
+    table = torch.zeros(32, 16, **f32)
+    qkv = torch.randn(2, 8 * 16, **f32)
+    _bad(lambda: rope_cache_update(qkv[:, :-1], pos, table, k, k.clone(), 4, 2), ValueError, "qkv")
+    _bad(lambda: rope_cache_update(qkv, pos, table.double(), k, k.clone(), 4, 2), ValueError, "table")
+    _bad(lambda: rope_cache_update(qkv, pos, table, k[..., :8], k.clone(), 4, 2), ValueError, "k_cache")
+    _bad(lambda: rope_cache_update(qkv, pos.float(), table, k, k.clone(), 4, 2), ValueError, "pos")
+
+
+# -- the whole decode step ------------------------------------------------------------------------
+
+def _tiny(seed, **kw):
+    torch.manual_seed(seed)
+    args = ModelArgs(**{**dict(dim=96, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=111,
+                               intermediate_size=136, max_position_embeddings=256), **kw})
+    model = Transformer(args).to(DEVICE)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.15)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kw", [{}, dict(tie_word_embeddings=True, n_kv_heads=6, rope_scaling={
+    "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32})])
+@torch.no_grad()
+def test_fused_decode_step_equals_model_forward(kw):
+    model = _tiny(0, **kw)
+    B, T, steps = 3, 9, 4
+    tokens = torch.randint(0, 111, (B, T + steps), device=DEVICE)
+    lens = torch.tensor([T, 4, 7], device=DEVICE)          # right-padded prompts, as the engine lays them out
+    caches, logits = [], []
+    for fused in (False, True):
+        model.setup_cache(B + 1, 64)
+        if fused:
+            fused_decode.prepare(model)
+        model(tokens[:, :T])
+        pos, got = lens.clone(), []
+        for i in range(steps):
+            tok = tokens[torch.arange(B), pos]
+            got.append(fused_decode.decode_step(model, tok, pos) if fused else model(tok[:, None], pos[:, None])[:, -1])
+            pos += 1
+        logits.append(torch.stack(got))
+        caches.append([(l.self_attn.kv_cache.k_cache.clone(), l.self_attn.kv_cache.v_cache.clone())
+                       for l in model.layers])
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+    for (k0, v0), (k1, v1) in zip(*caches):
+        torch.testing.assert_close(k1[:B, :, :T + steps], k0[:B, :, :T + steps], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v1[:B, :, :T + steps], v0[:B, :, :T + steps], rtol=1e-5, atol=1e-5)
+
+
+def test_prepare_keeps_parameters_as_views_and_trainable():
+    model = _tiny(1)
+    names = list(model.state_dict())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.setup_cache(1, 16)
+    with torch.inference_mode():
+        assert fused_decode.prepare(model)
+        assert not fused_decode.prepare(model)          # nothing to redo
+    assert list(model.state_dict()) == names
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    attn = model.layers[0].self_attn
+    with torch.no_grad():
+        attn.k_proj.weight.add_(1.0)                    # an in-place weight update reaches the fused GEMM
+    torch.testing.assert_close(attn.wqkv[attn.q_proj.weight.shape[0]:][:attn.k_proj.weight.shape[0]],
+                               attn.k_proj.weight)
+    model.remove_cache()
+    model.train()
+    model(torch.randint(0, 111, (2, 5), device=DEVICE)).sum().backward()   # not inference tensors
+    assert attn.q_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_engine_on_triton_kernels_equals_torch_kernels(temperature):
+    model = _tiny(2, n_layers=1)
+    spec = RefusalSpec((107, 108), respond_id=109)
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16]]
+    params = SamplingParams(max_new_tokens=6, temperature=temperature, seed=5, ignore_eos=True,
+                            thresholds=0.3)
+    runs = [[(r.tokens, r.refusal_probs) for r in Engine(model, None, spec, max_batch=4, kernels=k)
+             .generate(prompts, params)] for k in ("torch", "triton")]
+    for (t0, p0), (t1, p1) in zip(*runs):
+        assert t0 == t1
+        torch.testing.assert_close(p1, p0)
+
+
+def test_engine_rejects_bad_kernel_choices(monkeypatch):
+    model = _tiny(3, n_layers=1)
+    spec = RefusalSpec((107,))
+    with pytest.raises(ValueError, match="'torch' or 'triton'"):
+        Engine(model, None, spec, kernels="cuda")
+    with pytest.raises(ValueError, match="pick one"):
+        Engine(model, None, spec, kernels="triton", compile=True)
+    if not ON_GPU:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+            Engine(model, None, spec, kernels="triton")
