@@ -12,6 +12,9 @@ method              what runs
 ``rtkern``          `rtkern.engine.Engine`: static KV cache; on CUDA each step is one CUDA-graph replay
                     with the fused Triton sampler inside; on CPU eager with the PyTorch reference sampler
 ``rtkern-compile``  the same decode step through ``torch.compile`` before capture (CUDA only)
+``rtkern-triton``   the engine with ``kernels="triton"``: the step on rtkern.fused_decode's Triton kernels
+                    (fused add+RMSNorm, q/k/v and gate/up GEMMs, RoPE + cache write, split decode
+                    attention, SwiGLU) inside the same CUDA graph (CUDA only)
 ``gpt-fast``        our model, decode step ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) with
                     plain PyTorch sampling (control tokens masked, exponential-race multinomial) (CUDA only)
 ``hf-dynamic``      transformers ``generate`` (eager, DynamicCache) + `RefusalLogitsProcessor`
@@ -41,7 +44,7 @@ from rtkern.spec import RefusalSpec
 from .sampler import DTYPES, H100_BANDWIDTH, Unavailable, environment
 
 DEFAULT_OUT = Path("results") / "bench-decode"
-METHODS = ("rtkern", "rtkern-compile", "gpt-fast", "hf-dynamic", "hf-static")
+METHODS = ("rtkern", "rtkern-compile", "rtkern-triton", "gpt-fast", "hf-dynamic", "hf-static")
 GPU_METHODS = METHODS
 CPU_METHODS = ("rtkern", "hf-dynamic", "hf-static")
 RANDOM_SUFFIX = "-random"
@@ -102,11 +105,12 @@ def step_bytes(model, batch: int, context: int) -> int:
 
 # -- methods: each returns run(n_new) -> None -----------------------------------------------------
 
-def _rtkern(model, tok, spec, prompts, compile_: bool):
+def _rtkern(model, tok, spec, prompts, variant: str):
     from rtkern.engine import Engine, SamplingParams
-    if compile_ and not torch.cuda.is_available():
+    if variant and not torch.cuda.is_available():
         raise Unavailable("needs CUDA")
-    eng = Engine(model, tok, spec, max_batch=len(prompts), compile=compile_, check_every=1 << 30)
+    eng = Engine(model, tok, spec, max_batch=len(prompts), compile=variant == "compile", check_every=1 << 30,
+                 kernels="triton" if variant == "triton" else "torch")
 
     def run(n: int):
         eng.generate(prompts, SamplingParams(max_new_tokens=n, ignore_eos=True, temperature=1.0, seed=1))
@@ -173,8 +177,8 @@ def _gpt_fast(model, spec, prompts, max_new: int):
 
 
 def build(method: str, model, tok, spec, prompts, max_new: int) -> Callable[[int], None]:
-    if method in ("rtkern", "rtkern-compile"):
-        return _rtkern(model, tok, spec, prompts, method == "rtkern-compile")
+    if method in ("rtkern", "rtkern-compile", "rtkern-triton"):
+        return _rtkern(model, tok, spec, prompts, method.partition("-")[2])
     if method in ("hf-dynamic", "hf-static"):
         return _hf(model, spec, prompts, method == "hf-static")
     if method == "gpt-fast":

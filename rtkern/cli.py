@@ -7,7 +7,9 @@ and a command whose dependencies are missing does not break the others.
 
 To add a command, put ``configure(parser)`` and ``run(args) -> int`` in a module and call `register_lazy`::
 
-    register_lazy(("generate",), "generate text with refusal control", ".generate_cli")
+    register_lazy(("bench", "kernels"), "decoder Triton kernels (RMSNorm, RoPE+cache, decode attention, SwiGLU) vs torch",
+              ".bench.kernels", "add_arguments", "run_from_args")
+register_lazy(("generate",), "generate text with refusal control", ".generate_cli")
 
 Registering a path again replaces the previous entry.
 """
@@ -57,6 +59,8 @@ register_lazy(("bench", "sampler"), "fused refusal sampler vs naive PyTorch / CU
               ".bench.sampler", "add_arguments", "run_from_args")
 register_lazy(("bench", "decode"), "decode ms/step and tok/s: rtkern engine vs transformers generate and gpt-fast style",
               ".bench.decode", "add_arguments", "run_from_args")
+register_lazy(("bench", "kernels"), "decoder Triton kernels (RMSNorm, RoPE+cache, decode attention, SwiGLU) vs torch",
+              ".bench.kernels", "add_arguments", "run_from_args")
 register_lazy(("generate",), "generate text with refusal control; prints answers and refusal probabilities",
               ".generate_cli")
 register_lazy(("train",), "SFT with refusal tokens (control token as the first assistant token; HF checkpoints)",

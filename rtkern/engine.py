@@ -14,7 +14,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from . import fused_decode
 from .adapters._common import per_category
+from .kernels.refusal_sampler import interpreter_enabled
 from .sampler import refusal_sample
 from .spec import RefusalControls, RefusalSpec, SampleOutput
 
@@ -93,11 +95,15 @@ class Engine:
     cuda_graphs : replay decode steps from CUDA graphs (default: on when the model is on CUDA)
     compile : run the decode step through ``torch.compile`` before capturing it
     check_every : decode steps between host reads of the generated tokens (EOS / stop strings)
+    sampler_backend : ``"triton"``, ``"torch"`` or None (the sampler's default for the device)
+    kernels : decode step on ``"torch"`` ops (the model's reference forward) or on rtkern's ``"triton"``
+        kernels (rtkern.fused_decode: fused add+RMSNorm, RoPE + cache write, split decode attention,
+        SwiGLU; on CPU only through the Triton interpreter)
     """
 
     def __init__(self, model, tokenizer, spec: Optional[RefusalSpec] = None, *, max_batch: int = 32,
                  cuda_graphs: Optional[bool] = None, compile: bool = False, check_every: int = 16,
-                 sampler_backend: Optional[str] = None):
+                 sampler_backend: Optional[str] = None, kernels: str = "torch"):
         p = model.embed_tokens.weight
         self.model, self.tok, self.device = model.eval(), tokenizer, p.device
         self.spec = spec if spec is not None else _spec_from_tokenizer(tokenizer)
@@ -105,6 +111,7 @@ class Engine:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs needs the model on CUDA, got {self.device}")
+        self.kernels = _check_kernels(kernels, self.device, compile)
         self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
         self._slots: dict[int, _DecodeSlot] = {}
         self._kv = None  # the cache our graphs were captured on; someone else may replace it
@@ -172,7 +179,10 @@ class Engine:
     def _step(self, tokens, pos, controls, out):
         # Everything a step changes happens here, so that one graph replay is the whole step.
         # `tokens` sit at `pos`; the token sampled from them sits at pos + 1, which keys its randomness
-        logits = self.model(tokens[:, None], pos[:, None])[:, -1]
+        if self.kernels == "triton":
+            logits = fused_decode.decode_step(self.model, tokens, pos)
+        else:
+            logits = self.model(tokens[:, None], pos[:, None])[:, -1]
         pos.add_(1)
         controls.position.copy_(pos)
         refusal_sample(logits, self.spec, controls, out=out, backend=self.backend)
@@ -193,16 +203,31 @@ class Engine:
                              f"max_position_embeddings={self.model.args.max_position_embeddings}")
         kv = self.model.layers[0].self_attn.kv_cache
         if kv is not None and kv is self._kv and need <= self.model.max_seq:
+            if self.kernels == "triton" and fused_decode.prepare(self.model):
+                self._slots = {}  # someone replaced weights our graphs captured
             return
         # attention reads the whole static cache each step, so size it to the need (rounded) not the model max
         seq = min(-(-need // 256) * 256, self.model.args.max_position_embeddings)
         self.model.setup_cache(self.max_batch, max(seq, self.model.max_seq if kv is self._kv else 0))
         self._kv, self._slots = self.model.layers[0].self_attn.kv_cache, {}  # graphs captured the old cache
+        if self.kernels == "triton":
+            fused_decode.prepare(self.model)
 
     def _slot(self, batch: int) -> "_DecodeSlot":
         if batch not in self._slots:
             self._slots[batch] = _DecodeSlot(self, batch)
         return self._slots[batch]
+
+
+def _check_kernels(kernels, device: torch.device, compile: bool) -> str:
+    if kernels not in ("torch", "triton"):
+        raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
+    if kernels == "triton" and device.type != "cuda" and not interpreter_enabled():
+        raise ValueError(f"kernels='triton' needs a CUDA model or TRITON_INTERPRET=1, got a model on {device}")
+    if kernels == "triton" and compile:
+        raise ValueError("compile=True applies to the torch decode step; with kernels='triton' the step is "
+                         "already fused (pick one)")
+    return kernels
 
 
 class _DecodeSlot:

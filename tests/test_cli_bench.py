@@ -30,6 +30,24 @@ def test_bench_sampler_cpu(tmp_path, capsys):
     assert "naive" in out and "rtkern-torch" in out and "sampler.json" in out
 
 
+def test_bench_kernels(tmp_path, capsys):
+    from conftest import ON_GPU
+    rc = cli.main(["bench", "kernels", "--models", "smollm2-135m", "--batches", "1", "--impls", "torch,triton",
+                   "--no-progress", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
+    assert {(r["op"], r["impl"]) for r in rows} == {(o, i) for o in ("add_rmsnorm", "rope_cache", "decode_attention",
+                                                                     "swiglu") for i in ("torch", "triton")}
+    for r in rows:
+        assert r["floor_us"] > 0
+        if r["impl"] == "triton" and not ON_GPU:
+            assert r["us"] is None and r["note"].startswith("skipped")
+        else:
+            assert r["us"] > 0 and not r["note"], r
+    assert (tmp_path / "kernels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| decode_attention | smollm2-135m | 1 | torch |" in (tmp_path / "kernels.md").read_text()
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     from tiny import save_tokenizer, tiny_hf
