@@ -117,9 +117,9 @@ def _rtkern(model, tok, spec, prompts, variant: str):
     return run
 
 
-def _hf(model, spec, prompts, static: bool):
+def hf_view(model):
+    """A transformers ``LlamaForCausalLM`` on the same weight tensors as our ``model`` (no copy)."""
     import transformers
-    from rtkern.adapters.hf import RefusalLogitsProcessor
     from rtkern.model import rtkern_to_hf_state_dict
 
     model.remove_cache()
@@ -127,11 +127,17 @@ def _hf(model, spec, prompts, static: bool):
     cfg = transformers.LlamaConfig(**model.args.to_hf_config())
     with torch.device("meta"):
         hf = transformers.LlamaForCausalLM(cfg)
-    # share our weights (no copy): the 8B shape would not fit twice next to its caches otherwise
+    # shared, not copied: the 8B shape would not fit twice next to its caches otherwise
     hf.load_state_dict(rtkern_to_hf_state_dict(model.state_dict()), strict=False, assign=True)
     hf.tie_weights()
     hf.model.rotary_emb = type(hf.model.rotary_emb)(config=cfg).to(dev)  # a buffer, left on meta above
-    hf.eval()
+    return hf.eval()
+
+
+def _hf(model, spec, prompts, static: bool):
+    from rtkern.adapters.hf import RefusalLogitsProcessor
+
+    hf = hf_view(model)
     ids = torch.tensor(prompts, device=model.embed_tokens.weight.device)
     proc = RefusalLogitsProcessor(spec, thresholds=0.5)
     kw = dict(cache_implementation="static") if static else {}

@@ -76,6 +76,17 @@ def test_bench_decode_cpu(tiny_dir, tmp_path, capsys):
     assert "ms/step" in capsys.readouterr().out
 
 
+def test_bench_score(tiny_dir, tmp_path, capsys):
+    rc = cli.main(["bench", "score", "--model", str(tiny_dir), "--num-prompts", "6", "--batch-size", "4",
+                   "--reps", "1", "--dtype", "fp32", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "score.json").read_text())["rows"]}
+    assert set(rows) == {"rtkern", "hf-loop"}
+    assert rows["rtkern"]["max_dp"] < 1e-5          # the same probabilities, computed two ways
+    assert all(r["prompts"] == 6 and r["prompts_s"] > 0 for r in rows.values())
+    assert "| 4 | rtkern | 6 |" in capsys.readouterr().out
+
+
 def test_generate_cli(tiny_dir, capsys):
     rc = cli.main(["generate", "--model", str(tiny_dir), "--device", "cpu", "--add-control-tokens", "single",
                    "--thresholds", "0", "--max-new-tokens", "5", "--json", "hello world", "please respond"])

@@ -1,0 +1,162 @@
+"""Scoring throughput: ``rtkern.calibrate.score`` against the Hugging Face forward loop a user would write.
+
+Both compute the first-token probability of every control token for the same prompts, ``--batch-size``
+prompts per forward pass, on the same weight tensors:
+
+============  ===========================================================================================
+method        what runs
+============  ===========================================================================================
+``rtkern``    `rtkern.calibrate.score`: prompts sorted by length into chunks, right-padded, the LM head
+              only on each row's last real position, `rtkern.refusal_probs` on those logits
+``hf-loop``   transformers ``LlamaForCausalLM`` (its default attention) over the prompts in their given
+              order, right-padded with an attention mask, full ``[B, T, V]`` logits, the last real
+              position's float32 softmax, the control columns gathered
+============  ===========================================================================================
+
+``prompts/s`` is the median over ``--reps`` full passes (the first pass, untimed, warms up);
+``speedup`` is relative to ``hf-loop``; ``max|dp|`` is the largest probability difference from
+``hf-loop`` (both compute the same numbers). Prompts: the CoCoNot eval set when ``--data`` names it (or a
+CSV/JSONL with a prompt column), else ``--num-prompts`` synthetic prompts of 5-120 words.
+
+Run: ``rtkern bench score --help``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from rtkern.calibrate import score
+from rtkern.spec import RefusalSpec
+
+from .decode import hf_view, load_subject
+from .sampler import DTYPES, environment
+
+DEFAULT_OUT = Path("results") / "bench-score"
+METHODS = ("rtkern", "hf-loop")
+_WORDS = ("how do i make the best pasta sauce for a dinner party tonight please explain each step and why "
+          "what is the capital of a country nobody has heard of write me a poem about the sea").split()
+
+
+@dataclass
+class Row:
+    method: str
+    batch_size: int
+    prompts: int
+    seconds: Optional[float] = None
+    prompts_s: Optional[float] = None
+    speedup: Optional[float] = None
+    max_dp: Optional[float] = None
+    error: Optional[str] = None
+
+
+def synthetic_prompts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 120))) for _ in range(n)]
+
+
+def hf_loop(hf, tok, prompts: Sequence[str], spec: RefusalSpec, batch_size: int) -> torch.Tensor:
+    """``[N, len(control_ids)]`` float32 probabilities, the plain way: full logits, softmax, gather."""
+    dev, ctl = hf.device, torch.tensor(spec.control_ids)
+    out = []
+    with torch.inference_mode():
+        for lo in range(0, len(prompts), batch_size):
+            rows = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+                    for p in prompts[lo:lo + batch_size]]
+            T = max(map(len, rows))
+            ids = torch.tensor([r + [0] * (T - len(r)) for r in rows], device=dev)
+            mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows], device=dev)
+            logits = hf(input_ids=ids, attention_mask=mask).logits
+            last = logits[torch.arange(len(rows), device=dev), mask.sum(1) - 1].float()
+            out.append(torch.softmax(last, -1)[:, ctl.to(dev)].cpu())
+    return torch.cat(out)
+
+
+def _timed(fn: Callable[[], torch.Tensor], reps: int, device) -> tuple[float, torch.Tensor]:
+    res = fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        res = fn()   # returns CPU tensors: the device has finished
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), res
+
+
+def run(model_name: str, prompts: Sequence[str], batch_sizes: Sequence[int], device, dtype: str, reps: int,
+        out_dir: Path) -> list[Row]:
+    model, tok, spec = load_subject(model_name, device, DTYPES[dtype])
+    if tok is None:
+        raise SystemExit("bench score needs a model with a tokenizer (not a '-random' shape)")
+    hf = hf_view(model)
+    rows = []
+    for bs in batch_sizes:
+        t_hf, p_hf = _timed(lambda: hf_loop(hf, tok, prompts, spec, bs), reps, device)
+        t_rt, p_rt = _timed(lambda: score(model, tok, prompts, spec, batch_size=bs, progress=False), reps, device)
+        rows.append(Row("hf-loop", bs, len(prompts), t_hf, len(prompts) / t_hf, 1.0, 0.0))
+        rows.append(Row("rtkern", bs, len(prompts), t_rt, len(prompts) / t_rt, t_hf / t_rt,
+                        float((p_rt - p_hf).abs().max())))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"env": environment(device), "model": model_name, "dtype": dtype, "reps": reps, "argv": sys.argv}
+    (out_dir / "score.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+    return rows
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    lines = ["| batch | method | prompts | s | prompts/s | speedup | max abs dp |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.batch_size} | {r.method} | {r.prompts} | {r.seconds:.3f} | {r.prompts_s:.1f} | "
+              f"{r.speedup:.2f}x | {r.max_dp:.1e} |" for r in rows]
+    return "\n".join(lines)
+
+
+def _prompts(data: Optional[str], n: int) -> list[str]:
+    if data is None:
+        return synthetic_prompts(n)
+    from rtkern.calibrate_data import load_labelled
+    return list(load_labelled(data).prompts)[:n]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    cuda = torch.cuda.is_available()
+    p.add_argument("--model", default="smollm2-135m-instruct", help="name or path (needs a tokenizer)")
+    p.add_argument("--data", default=None, help="CoCoNot folder or CSV/JSONL (default: synthetic prompts)")
+    p.add_argument("--num-prompts", type=int, default=None, help="prompts to score (default 663; CPU 64)")
+    p.add_argument("--batch-size", type=int, nargs="+", default=None, help="default 16 64; CPU 16")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if cuda else "fp32")
+    p.add_argument("--reps", type=int, default=None, help="timed passes per point (median; default 5, CPU 1)")
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+
+
+def run_from_args(a: argparse.Namespace) -> int:
+    device = torch.device(a.device)
+    cuda = device.type == "cuda"
+    n = a.num_prompts or (663 if cuda else 64)
+    if n < 1 or any(b < 1 for b in a.batch_size or [1]):
+        raise SystemExit("--num-prompts and --batch-size must be positive")
+    rows = run(a.model, _prompts(a.data, n), a.batch_size or ([16, 64] if cuda else [16]), device, a.dtype,
+               a.reps or (5 if cuda else 1), a.out)
+    table = format_table(rows)
+    (a.out / "score.md").write_text(table + "\n")
+    print(table)
+    print(f"\nwrote {a.out / 'score.json'} and {a.out / 'score.md'}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="rtkern bench score", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return run_from_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
