@@ -109,3 +109,69 @@ def test_keep_last_n(tmp_path):
     assert [p.name for p in gone] == [ck.checkpoint_name(3), ck.checkpoint_name(7)]
     assert ck.latest_checkpoint(tmp_path).name == ck.checkpoint_name(12)
     assert (tmp_path / "final").is_dir() and ck.prune_checkpoints(tmp_path, 0) == []
+
+
+def _sentencepiece_base(tmp_path, model_type):
+    """A tiny base whose tokenizer is a sentencepiece ``tokenizer.model`` only (no tokenizer.json),
+    trained here on synthetic lines; ChatML markers are sentencepiece control pieces."""
+    import io
+    import random
+
+    import sentencepiece as spm
+    from train_utils import CHAT, WORDS
+    base = make_base(tmp_path / "base", tie=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (base / name).unlink(missing_ok=True)
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randrange(3, 15))) for _ in range(300)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, model_type=model_type,
+                                   vocab_size=120, hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2,
+                                   pad_id=-1, control_symbols=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                   minloglevel=2, num_threads=1)
+    (base / "tokenizer.model").write_bytes(buf.getvalue())
+    (base / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT}))
+    return base
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_sentencepiece_only_tokenizer_round_trip(tmp_path, model_type):
+    """A sentencepiece-only base saves as tokenizer.model + tokenizer_config.json: rtkern reloads the same
+    tokenizer and control ids, and transformers loads it with each control token one special id."""
+    model, tok = load_model(_sentencepiece_base(tmp_path, model_type), device="cpu", dtype=torch.float32)
+    assert tok._sp is not None
+    ctrl = add_control_tokens(model, tok, "category")
+    d = ck.save_checkpoint(tmp_path / "ckpt", model, tok, ctrl)
+    names = {p.name for p in d.iterdir()}
+    assert {"tokenizer.model", "tokenizer_config.json", "rtkern.json"} <= names and "tokenizer.json" not in names
+    chat = [{"role": "user", "content": "who are you really ?"}, {"role": "assistant", "content": "paris"}]
+    texts = [tok.render_chat(chat), "what is the capital of france ?  i cannot help <s>x", "klingon é"]
+
+    import rtkern
+    m2, t2 = rtkern.load_model(d, device="cpu", dtype=torch.float32)
+    assert t2._sp is not None and t2.render_chat(chat) == texts[0]
+    spec = RefusalSpec.from_tokenizer(t2, "category", require_respond=True)
+    assert spec.refusal_ids == ctrl.refusal_ids and spec.respond_id == ctrl.respond_id
+    assert [t2.encode(t) for t in texts] == [tok.encode(t) for t in texts]
+    torch.testing.assert_close(m2.embed_tokens.weight, model.embed_tokens.weight, atol=0, rtol=0)
+
+    hft = transformers.AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    controls = list(ctrl.refusal_tokens) + [ctrl.respond_token]
+    assert hft.convert_tokens_to_ids(controls) == list(ctrl.refusal_ids) + [ctrl.respond_id]
+    # the control tokens are special: one id each, even inside text, and skipped when decoding
+    ids = hft.encode("[respond]paris [Humanizing requests]", add_special_tokens=False)
+    assert ids[0] == ctrl.respond_id and ids[-1] == ctrl.refusal_ids[ctrl.names.index("Humanizing requests")]
+    assert ids[1:-1] == tok.encode("paris ")
+    assert hft.decode(ids, skip_special_tokens=True).strip() == "paris"
+    assert {"[respond]", "[Humanizing requests]"} <= {t.content for t in hft.added_tokens_decoder.values() if t.special}
+    # ordinary text and the chat markers tokenize as rtkern does
+    assert [hft.encode(t, add_special_tokens=False) for t in texts] == [tok.encode(t) for t in texts]
+    assert hft.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == texts[0]
+
+
+def test_sentencepiece_save_refuses_added_tokens_out_of_order(tmp_path):
+    model, tok = load_model(_sentencepiece_base(tmp_path, "unigram"), device="cpu", dtype=torch.float32)
+    tok.add_control_tokens(["[respond]"])          # first, so it would not get the id rtkern.json implies
+    ctrl = add_control_tokens(model, tok, "single")
+    with pytest.raises(ValueError, match="not the control tokens in order"):
+        ck.save_checkpoint(tmp_path / "ckpt", model, tok, ctrl)

@@ -1,5 +1,5 @@
-"""``rtkern train`` end to end on a tiny base, malformed data through the CLI, and DDP: two gloo
-processes under torchrun equal one process on the same global batch."""
+"""``rtkern train`` end to end on a tiny base, malformed data through the CLI, and DDP and FSDP2: two gloo
+processes under torchrun equal one process on the same global batch, and FSDP checkpoints resume exactly."""
 import json
 import os
 import subprocess
@@ -10,6 +10,9 @@ import torch
 
 from rtkern.cli import main
 from rtkern.loader import load_model
+from rtkern.train.checkpoint import STATE_TENSORS, checkpoint_name
+from rtkern.train.config import TrainConfig
+from rtkern.train.trainer import optimizer_state_by_index, optimizer_state_by_name
 from train_utils import make_base, one_thread, records, write_jsonl
 
 
@@ -56,27 +59,125 @@ def test_cli_reports_malformed_data(setup, tmp_path, capsys):
     assert "bad.jsonl:2: missing field 'response'" in capsys.readouterr().err
     assert main(["train", "--data", str(bad), "--set", "lr=abc"]) == 1
     assert "lr: cannot parse" in capsys.readouterr().err
+    assert main(["train", "--data", str(bad), "--set", "parallel=zero3"]) == 1
+    assert "parallel must be one of auto, ddp, fsdp, got 'zero3'" in capsys.readouterr().err
+
+
+def test_parallel_flag_and_setting(capsys):
+    assert main(["train", "--parallel", "fsdp", "--set", "fsdp_accum_sync=yes", "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["parallel"] == "fsdp" and cfg["fsdp_accum_sync"] is True
+    with pytest.raises(SystemExit):
+        main(["train", "--parallel", "zero3"])
+    with pytest.raises(ValueError, match="parallel must be"):
+        TrainConfig(parallel="FSDP")
+
+
+def test_optimizer_state_names_round_trip():
+    """FSDP's gathered optimizer state (keyed by parameter name) maps onto Optimizer.state_dict()'s integer
+    keys and back, so every checkpoint has one format."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    params = dict(net.named_parameters())
+    opt = torch.optim.AdamW([{"params": [params["0.weight"], params["2.weight"]], "weight_decay": 0.1},
+                             {"params": [params["0.bias"], params["1.weight"], params["1.bias"]],
+                              "weight_decay": 0.0}])   # 2.bias: not optimised
+    net(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    sd = opt.state_dict()
+    names = ["0.weight", "2.weight", "0.bias", "1.weight", "1.bias"]
+    named = optimizer_state_by_name(sd, names)
+    assert named["param_groups"][1]["params"] == names[2:] and set(named["state"]) == set(names)
+    assert optimizer_state_by_index(named) == sd
+    with pytest.raises(ValueError, match="5 parameters, the model 4"):
+        optimizer_state_by_name(sd, names[:4])
+
+
+_COMMON = ["--max-steps", "4", "--grad-accum", "2", "--device", "cpu", "--set", "warmup_steps=1",
+           "--set", "grad_clip=0.5", "--no-plot"]
+
+
+def _torchrun(base, data, out, *extra):
+    """``rtkern train`` in two gloo processes (2 rows per micro-batch each: the global batch of 4)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "rtkern.cli", *_args(base, data, out, "--batch-size", "2", *extra)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _assert_same_run(a_out, b_out, *, final=True):
+    a, b = _metrics(a_out), _metrics(b_out)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    assert [r["target_tokens"] for r in a] == [r["target_tokens"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
+    if final:
+        ma = load_model(a_out / "final", device="cpu")[0].state_dict()
+        mb = load_model(b_out / "final", device="cpu")[0].state_dict()
+        assert ma.keys() == mb.keys()
+        for k in ma:
+            torch.testing.assert_close(ma[k], mb[k], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow
 def test_ddp_two_gloo_processes_equal_single_process(setup, tmp_path):
     base, data = setup
-    common = ["--max-steps", "4", "--grad-accum", "2", "--device", "cpu", "--set", "warmup_steps=1",
-              "--set", "grad_clip=0.5", "--no-plot"]
     single = tmp_path / "single"
-    assert main(_args(base, data, single, "--batch-size", "4", *common)) == 0
+    assert main(_args(base, data, single, "--batch-size", "4", *_COMMON)) == 0
     ddp = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "rtkern.cli", *_args(base, data, ddp, "--batch-size", "2", *common)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = _metrics(single), _metrics(ddp)
-    assert [r["target_tokens"] for r in a] == [r["target_tokens"] for r in b]
-    for ra, rb in zip(a, b):
-        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
-        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
-    ma = load_model(single / "final", device="cpu")[0].state_dict()
-    mb = load_model(ddp / "final", device="cpu")[0].state_dict()
-    for k in ma:
-        torch.testing.assert_close(ma[k], mb[k], rtol=1e-4, atol=1e-6)
+    _torchrun(base, data, ddp, *_COMMON)
+    _assert_same_run(single, ddp)
+
+
+@pytest.mark.slow
+def test_fsdp_two_gloo_processes_equal_single_process(setup, tmp_path):
+    """FSDP2 (sharded parameters, accumulation without a reduce-scatter per micro-batch, DTensor grad
+    clipping) trains like one process, and its checkpoints gather to the single-process format."""
+    base, data = setup
+    common = [*_COMMON, "--save-every", "2"]
+    single, fsdp = tmp_path / "single", tmp_path / "fsdp"
+    assert main(_args(base, data, single, "--batch-size", "4", *common)) == 0
+    proc = _torchrun(base, data, fsdp, "--parallel", "fsdp", *common)
+    assert "FSDP2 over 2 ranks" in proc.stderr
+    _assert_same_run(single, fsdp)
+    a = torch.load(single / checkpoint_name(2) / STATE_TENSORS, weights_only=True)["optimizer"]
+    b = torch.load(fsdp / checkpoint_name(2) / STATE_TENSORS, weights_only=True)["optimizer"]
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+    for i, st in a["state"].items():
+        assert st.keys() == b["state"][i].keys()
+        for k, v in st.items():
+            assert not b["state"][i][k].is_meta
+            torch.testing.assert_close(v, b["state"][i][k], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_fsdp_resumes_exactly_and_single_process_resumes_its_checkpoint(tmp_path):
+    """An FSDP checkpoint (tied embedding: one shared sharded parameter) resumes under FSDP and in one
+    process with the losses and weights of the run that was not interrupted."""
+    base = make_base(tmp_path / "tied", tie=True)
+    data = write_jsonl(tmp_path / "data.jsonl", [{"prompt": r.prompt, "response": r.response,
+                                                  "category": "" if r.label == "respond" else r.label}
+                                                 for r in records(16, seed=1)])
+    common = [*_COMMON, "--save-every", "2"]
+    full = tmp_path / "full"
+    _torchrun(base, data, full, "--parallel", "fsdp", *common)
+    ckpt = full / checkpoint_name(2)
+    resumed = tmp_path / "resumed"
+    # and with a reduce-scatter per micro-batch instead of one per step: the same gradients
+    _torchrun(base, data, resumed, "--parallel", "fsdp", "--resume", str(ckpt), "--set", "fsdp_accum_sync=1", *common)
+    single = tmp_path / "single"
+    assert main(_args(base, data, single, "--batch-size", "4", "--resume", str(ckpt), *common)) == 0
+    tail = [r for r in _metrics(full) if r["step"] > 2]
+    for out in (resumed, single):
+        got = _metrics(out)
+        assert [r["step"] for r in got] == [3, 4]
+        for ra, rb in zip(tail, got):
+            assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+    for out in (resumed, single):
+        ma = load_model(full / "final", device="cpu")[0].state_dict()
+        mb = load_model(out / "final", device="cpu")[0].state_dict()
+        for k in ma:
+            torch.testing.assert_close(ma[k], mb[k], rtol=1e-4, atol=1e-6)

@@ -31,7 +31,7 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(path, model, tokenizer, control: ControlTokens, *, state: dict | None = None,
-                    tensors: dict | None = None) -> Path:
+                    tensors: dict | None = None, state_dict: dict | None = None) -> Path:
     """Write a checkpoint directory atomically (an existing one at ``path`` is replaced).
 
     Parameters
@@ -40,12 +40,14 @@ def save_checkpoint(path, model, tokenizer, control: ControlTokens, *, state: di
         Final directory.
     model : rtkern.model.Transformer
     tokenizer : rtkern.tokenizer.Tokenizer
-        Must be backed by a Hugging Face tokenizer (``tokenizer.json``).
+        Hugging Face (``tokenizer.json``) or sentencepiece (``tokenizer.model``) backed.
     control : ControlTokens
     state : dict, optional
         JSON-serialisable trainer state (step, data position, config, ...).
     tensors : dict, optional
         Optimizer state dict, RNG states and other tensors; saved with ``torch.save``.
+    state_dict : dict, optional
+        The model's weights (default ``model.state_dict()``); FSDP passes the gathered full state dict.
 
     Returns
     -------
@@ -58,7 +60,7 @@ def save_checkpoint(path, model, tokenizer, control: ControlTokens, *, state: di
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        write_model_files(tmp, model, tokenizer, control)
+        write_model_files(tmp, model, tokenizer, control, state_dict=state_dict)
         if state is not None:
             _write_json(tmp / STATE_JSON, state)
         if tensors is not None:
@@ -77,30 +79,97 @@ def save_checkpoint(path, model, tokenizer, control: ControlTokens, *, state: di
     return path
 
 
-def write_model_files(d: Path, model, tokenizer, control: ControlTokens) -> None:
-    """config.json, generation_config.json, model.safetensors, tokenizer files and rtkern.json in ``d``."""
+def write_model_files(d: Path, model, tokenizer, control: ControlTokens, *, state_dict: dict | None = None) -> None:
+    """config.json, generation_config.json, model.safetensors, tokenizer files and rtkern.json in ``d``.
+
+    ``state_dict``: the weights to write (default ``model.state_dict()``; ``model`` still gives the
+    architecture and whether the head is tied).
+    """
     from safetensors.torch import save_file
 
     args = model.args
     if tokenizer.vocab_size > args.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, the model only {args.vocab_size} rows")
+    sd = model.state_dict() if state_dict is None else state_dict
+    if "embed_tokens.weight" not in sd:
+        raise ValueError("state_dict has no 'embed_tokens.weight': not an rtkern Transformer's state dict")
     cfg = args.to_hf_config()
-    cfg["torch_dtype"] = cfg["dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    cfg["torch_dtype"] = cfg["dtype"] = str(sd["embed_tokens.weight"].dtype).removeprefix("torch.")
     _write_json(d / "config.json", cfg)
     _write_json(d / "generation_config.json", {"bos_token_id": tokenizer.bos_id,
                                                "eos_token_id": list(tokenizer.eos_ids)})
     tied = model.lm_head.weight is model.embed_tokens.weight
-    sd = rtkern_to_hf_state_dict(model.state_dict(), tie_word_embeddings=tied)
+    sd = rtkern_to_hf_state_dict(sd, tie_word_embeddings=tied)
     save_file({k: v.detach().to("cpu").contiguous() for k, v in sd.items()}, str(d / "model.safetensors"),
               metadata={"format": "pt"})
-    hf = getattr(tokenizer, "_hf", None)
-    if hf is None:
-        raise NotImplementedError("saving needs a Hugging Face (tokenizer.json) tokenizer; "
-                                  "sentencepiece-only tokenizers cannot be saved yet")
-    if tokenizer.chat_template and not getattr(hf, "chat_template", None):
-        hf.chat_template = tokenizer.chat_template     # GGUF-derived tokenizers keep it outside
-    hf.save_pretrained(str(d))
+    write_tokenizer_files(d, tokenizer, control)
     _write_json(d / CONTROL_FILE, control.to_json())
+
+
+def write_tokenizer_files(d: Path, tokenizer, control: ControlTokens) -> None:
+    """The tokenizer, control tokens included as added special tokens, in a form transformers and rtkern load.
+
+    Hugging Face tokenizers save themselves. A sentencepiece-only tokenizer is written as its
+    ``tokenizer.model`` plus a ``tokenizer_config.json`` that declares the control tokens (and the model's
+    own control pieces such as ``<s>``) as special tokens at their ids; see `sentencepiece_tokenizer_config`.
+    """
+    hf = getattr(tokenizer, "_hf", None)
+    if hf is not None:
+        if tokenizer.chat_template and not getattr(hf, "chat_template", None):
+            hf.chat_template = tokenizer.chat_template     # GGUF-derived tokenizers keep it outside
+        hf.save_pretrained(str(d))
+        return
+    sp = getattr(tokenizer, "_sp", None)
+    if sp is None:
+        raise TypeError(f"cannot save a {type(tokenizer).__name__}: neither Hugging Face nor sentencepiece backed")
+    (d / "tokenizer.model").write_bytes(sp.sp.serialized_model_proto())
+    _write_json(d / "tokenizer_config.json", sentencepiece_tokenizer_config(tokenizer, control))
+
+
+def sentencepiece_tokenizer_config(tokenizer, control: ControlTokens) -> dict:
+    """``tokenizer_config.json`` for a sentencepiece-only tokenizer with added control tokens.
+
+    The class is transformers' ``SentencePieceBackend`` (transformers >= 5): it runs the
+    ``tokenizer.model`` itself, as rtkern does, so both tokenize text identically; converting it to a
+    fast tokenizer would need protobuf and may differ for some normalizers. Special tokens: the model's
+    control and unknown pieces (which rtkern recognises in text, e.g. chat markers) and the added
+    control tokens, at the ids rtkern gives them (after the model's pieces, in ``rtkern.json`` order).
+
+    Parameters
+    ----------
+    tokenizer : rtkern.tokenizer.Tokenizer
+        Sentencepiece backed.
+    control : ControlTokens
+
+    Returns
+    -------
+    dict
+    """
+    sp = tokenizer._sp
+    proc, n = sp.sp, sp.sp.get_piece_size()
+    order = list(control.refusal_tokens) + [control.respond_token]
+    want = {s: n + k for k, s in enumerate(order)}
+    if sp.added != want:
+        # rtkern re-adds rtkern.json's tokens in that order when loading; other ids would not survive
+        raise ValueError(f"the tokenizer's added tokens {sp.added} are not the control tokens in order {want}")
+    specials = {i: proc.id_to_piece(i) for i in range(n) if proc.is_control(i) or proc.is_unknown(i)}
+    specials.update({i: s for s, i in want.items()})
+    piece = sp.piece
+    cfg = {"tokenizer_class": "SentencePieceBackend", "legacy": True, "clean_up_tokenization_spaces": False,
+           "added_tokens_decoder": {str(i): _added_token(s) for i, s in sorted(specials.items())},
+           "extra_special_tokens": order}
+    for key, i in (("bos_token", sp.bos_id), ("eos_token", sp.eos_id), ("unk_token", proc.unk_id())):
+        if i is not None and i >= 0:
+            cfg[key] = piece(i)
+    if tokenizer.chat_template:
+        cfg["chat_template"] = tokenizer.chat_template
+    return cfg
+
+
+def _added_token(content: str) -> dict:
+    # normalized=False: the text is matched verbatim, before sentencepiece's normaliser sees it
+    return {"content": content, "special": True, "normalized": False, "lstrip": False, "rstrip": False,
+            "single_word": False}
 
 
 def load_control_tokens(path) -> ControlTokens:

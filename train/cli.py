@@ -35,6 +35,8 @@ _FLAGS = {
     "--log-every": ("log_every", int, "steps between metrics records"),
     "--seed": ("seed", int, "seed for data order and init"),
     "--device": ("device", str, "cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when available)"),
+    "--parallel": ("parallel", str, "under torchrun: ddp (auto) or fsdp (FSDP2: shards parameters, gradients "
+                                    "and optimizer state, for models that do not fit one GPU)"),
 }
 _SWITCHES = {
     "--packing": ("packing", "pack several examples per row (per-sequence positions, no cross attention)"),
@@ -49,7 +51,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="a folder laid out like shared/data (the README recipe) and/or files "
                         "FILE[@refusal|contrast|respond] (JSONL/JSON/CSV: prompt,response[,category]; "
                         "Alpaca, Dolly, self-instruct, messages, CoCoNot)")
-    choices = {"--scheme": ("single", "category"), "--dtype": ("auto", "bf16", "fp32")}
+    from .config import PARALLEL_MODES
+    choices = {"--scheme": ("single", "category"), "--dtype": ("auto", "bf16", "fp32"), "--parallel": PARALLEL_MODES}
     for flag, (_, typ, help_) in _FLAGS.items():
         p.add_argument(flag, type=typ, default=argparse.SUPPRESS, choices=choices.get(flag), help=help_)
     for flag, (_, help_) in _SWITCHES.items():

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+PARALLEL_MODES = ("auto", "ddp", "fsdp")
 
 
 @dataclass
@@ -18,7 +19,11 @@ class TrainConfig:
     example once per epoch). Batching: each optimizer step consumes ``batch_size * grad_accum *
     world_size`` rows of at most ``seq_len`` tokens (one example per row, or several with ``packing``).
     ``dtype`` is the autocast compute dtype (``auto``: bfloat16 on CUDA, float32 on CPU); master weights
-    and optimizer state stay float32.
+    and optimizer state stay float32. Under torchrun, ``parallel`` picks DDP (``auto``/``ddp``: a full
+    replica per rank) or FSDP2 (``fsdp``: parameters, gradients and optimizer state sharded over the ranks,
+    for models that do not fit one GPU); one process ignores it. ``fsdp_accum_sync``: reduce-scatter
+    after every micro-batch and keep only gradient shards (less memory, more communication) instead of
+    accumulating full gradients until the step's last micro-batch.
     """
 
     base: str = "smollm2-135m-instruct"
@@ -49,6 +54,8 @@ class TrainConfig:
     pad_multiple: int = 8
     seed: int = 0
     device: str | None = None
+    parallel: str = "auto"
+    fsdp_accum_sync: bool = False
     save_every: int = 0
     keep_last: int = 2
     log_every: int = 1
@@ -66,6 +73,8 @@ class TrainConfig:
         if self.dtype not in ("auto", "bf16", "fp32"):
             # fp16 would need loss scaling; bf16 has float32's range and needs none
             raise ValueError(f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
         if isinstance(self.data, str):
             raise TypeError("data must be a list of paths, not a string")
         for name in ("seq_len", "batch_size", "grad_accum", "ce_chunk", "pad_multiple", "log_every"):

@@ -52,16 +52,18 @@ def build_trainer(cfg: TrainConfig, dist_info: DistInfo | None = None) -> Traine
         raise ValueError("no training data: pass --data (a folder laid out like shared/data, or files)")
     dist_info = dist_info or init_distributed(cfg.device)
     device = training_device(cfg, dist_info)
+    # FSDP moves the model to the GPU shard by shard: a model that does not fit one GPU must not go there whole
+    load_device = torch.device("cpu") if cfg.parallel == "fsdp" and dist_info.world > 1 else device
     resume = resolve_resume(cfg)
     if resume is not None:
-        model, tok = load_model(resume, device=device, dtype=torch.float32)
+        model, tok = load_model(resume, device=load_device, dtype=torch.float32)
         control = load_control_tokens(resume)
         if control.scheme != cfg.scheme:
             raise ValueError(f"{resume} was trained with scheme {control.scheme!r}, config says {cfg.scheme!r}")
         tok.add_control_tokens(list(control.refusal_tokens) + [control.respond_token])
         log.info("resuming from %s", resume)
     else:
-        model, tok = load_model(cfg.base, device=device, dtype=torch.float32)
+        model, tok = load_model(cfg.base, device=load_device, dtype=torch.float32)
         control = add_control_tokens(model, tok, cfg.scheme)
     records = load_data(cfg.data)
     examples = build_examples(tok, records, control, max_len=cfg.seq_len)
@@ -69,7 +71,7 @@ def build_trainer(cfg: TrainConfig, dist_info: DistInfo | None = None) -> Traine
         counts = collections.Counter(e.pool for e in examples)
         log.info("%d examples (%s), %d tokens, %d trained", len(examples), dict(counts),
                  sum(len(e.ids) for e in examples), sum(len(e.ids) - e.n_prompt for e in examples))
-    trainer = Trainer(cfg, model, tok, control, examples, dist_info=dist_info)
+    trainer = Trainer(cfg, model, tok, control, examples, dist_info=dist_info, device=device)
     if resume is not None:
         trainer.load_state(resume)
     return trainer

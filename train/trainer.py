@@ -1,5 +1,5 @@
 """The SFT training loop: completion-only chunked loss, AdamW, warmup + cosine, accumulation normalised
-by the target tokens of the whole step, DDP under torchrun, checkpoints with exact resume."""
+by the target tokens of the whole step, DDP or FSDP2 under torchrun, checkpoints with exact resume."""
 from __future__ import annotations
 
 import contextlib
@@ -111,6 +111,64 @@ def compile_blocks(model: nn.Module) -> None:
         layer.compile()
 
 
+# -- FSDP2 -----------------------------------------------------------------------------------------
+def shard_fsdp(module: SFTModule, device: torch.device, param_dtype: torch.dtype | None = None) -> None:
+    """Shard ``module`` in place with FSDP2 over all ranks: each decoder layer, then the root.
+
+    The root group holds what no layer owns (embedding, final norm, LM head), so the loss's direct use
+    of ``lm_head.weight`` happens while the root's parameters are gathered. Parameters on another device
+    (e.g. a model loaded on the CPU) are moved to ``device`` group by group, so the whole float32 model
+    never sits on one GPU.
+
+    Parameters
+    ----------
+    module : SFTModule
+    device : torch.device
+        The training device; its type names the device mesh (``cuda`` with NCCL, ``cpu`` with gloo).
+    param_dtype : torch.dtype, optional
+        Gather parameters in this dtype (bfloat16) for forward/backward; gradients are still reduced,
+        and master weights and optimizer state kept, in float32. None: float32 throughout.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not dist.is_initialized():
+        raise ValueError("FSDP needs a process group: run under torchrun (init_distributed)")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    reduce_dtype = torch.float32 if param_dtype is not None else None
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for layer in module.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(module, mesh=mesh, mp_policy=mp)
+
+
+def optimizer_state_by_index(state: dict) -> dict:
+    """A parameter-name-keyed optimizer state dict (``torch.distributed.checkpoint``) in the integer-keyed
+    format of ``Optimizer.state_dict()``.
+
+    ``Optimizer.state_dict`` numbers parameters across the param groups in order, and the named form
+    lists them in that same order, so checkpoints stay one format whether or not FSDP wrote them.
+    """
+    index: dict[str, int] = {}
+    groups = []
+    for g in state["param_groups"]:
+        ids = [index.setdefault(name, len(index)) for name in g["params"]]
+        groups.append({**g, "params": ids})
+    try:
+        return {"state": {index[name]: v for name, v in state["state"].items()}, "param_groups": groups}
+    except KeyError as e:
+        raise ValueError(f"optimizer state for a parameter in no param group: {e}") from None
+
+
+def optimizer_state_by_name(state: dict, names: list[str]) -> dict:
+    """Inverse of `optimizer_state_by_index`: ``names[i]`` names parameter ``i`` (param-group order)."""
+    n = sum(len(g["params"]) for g in state["param_groups"])
+    if n != len(names):
+        raise ValueError(f"optimizer state has {n} parameters, the model {len(names)}")
+    return {"state": {names[int(i)]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]]}
+
+
 # -- the trainer -----------------------------------------------------------------------------------
 class Trainer:
     """Runs SFT on tokenized examples.
@@ -125,12 +183,16 @@ class Trainer:
     examples : list of rtkern.train.data.Example
     dist_info : DistInfo, optional
         Under torchrun, from `init_distributed`.
+    device : torch.device or str, optional
+        Training device (default: where ``model`` is). Under FSDP the model may sit on the CPU: sharding
+        moves it here piece by piece.
     """
 
-    def __init__(self, cfg: TrainConfig, model, tokenizer, control, examples, *, dist_info: DistInfo | None = None):
+    def __init__(self, cfg: TrainConfig, model, tokenizer, control, examples, *, dist_info: DistInfo | None = None,
+                 device=None):
         self.cfg, self.model, self.tokenizer, self.control = cfg, model, tokenizer, control
         self.dist = dist_info or DistInfo()
-        self.device = next(model.parameters()).device
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.out = Path(cfg.out)
         torch.manual_seed(cfg.seed)
         self.stream = RowStream(examples, seq_len=cfg.seq_len, packing=cfg.packing, mix=parse_mix(cfg.mix),
@@ -148,19 +210,32 @@ class Trainer:
             compile_blocks(model)
         self.module = SFTModule(model, cfg.ce_chunk)
         self.ddp = None
-        if self.dist.world > 1:
+        self.fsdp = self.dist.world > 1 and cfg.parallel == "fsdp"
+        if self.fsdp:
+            shard_fsdp(self.module, self.device, self.autocast_dtype)
+        else:
+            model.to(self.device)
+        if self.dist.world > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DDP(self.module, device_ids=ids)
-        self.optimizer = build_optimizer(model, cfg)
+        if self.dist.is_main and self.dist.world > 1:
+            log.info("%s over %d ranks", "FSDP2" if self.fsdp else "DDP", self.dist.world)
+        self.optimizer = build_optimizer(model, cfg)     # after sharding: it must hold the sharded parameters
         self._stop_signal: int | None = None
 
     # -- state ---------------------------------------------------------------------------------
-    def state(self) -> tuple[dict, dict]:
-        """(JSON state, tensors) for a resumable checkpoint."""
+    def state(self, optimizer_state: dict | None = None) -> tuple[dict, dict]:
+        """(JSON state, tensors) for a resumable checkpoint.
+
+        ``optimizer_state``: the whole optimizer state dict (default: this process's, which is the whole
+        one except under FSDP; see `full_state_dicts`).
+        """
         st = {"step": self.step, "total_steps": self.total_steps, "data": self.stream.state_dict(),
               "world_size": self.dist.world, "config": self.cfg.to_dict(), "control": self.control.to_json()}
-        tensors = {"optimizer": self.optimizer.state_dict(), "rng_cpu": torch.get_rng_state()}
+        if optimizer_state is None:
+            optimizer_state = self.optimizer.state_dict()
+        tensors = {"optimizer": optimizer_state, "rng_cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             tensors["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         return st, tensors
@@ -171,10 +246,13 @@ class Trainer:
         The model weights come from the same checkpoint (load them before building the trainer).
         """
         st, tensors = load_trainer_state(path)
-        if st.get("world_size", 1) * self.cfg.batch_size * self.cfg.grad_accum != self.rows_per_step:
-            log.warning("resuming with a different global batch (%s ranks then, %s now)",
-                        st.get("world_size"), self.dist.world)
-        self.optimizer.load_state_dict(tensors["optimizer"])
+        then = st.get("config", {})
+        rows_then = (st.get("world_size", 1) * then.get("batch_size", self.cfg.batch_size)
+                     * then.get("grad_accum", self.cfg.grad_accum))
+        if rows_then != self.rows_per_step:
+            log.warning("resuming with a different global batch (%d rows per step then, %d now)",
+                        rows_then, self.rows_per_step)
+        self.load_optimizer_state(tensors["optimizer"])
         torch.set_rng_state(tensors["rng_cpu"])
         if "rng_cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng_cuda"], self.device)
@@ -182,12 +260,44 @@ class Trainer:
         self.step = int(st["step"])
         self.total_steps = self.cfg.max_steps or int(st.get("total_steps", self.total_steps))
 
+    def full_state_dicts(self, *, optimizer: bool = True) -> tuple[dict | None, dict | None]:
+        """(model state dict, optimizer state dict), whole and in the single-process format.
+
+        Under FSDP this gathers the shards to rank 0 on the CPU: every rank must call it, and ranks
+        other than 0 get ``(None, None)``. ``optimizer=False``: the model only (optimizer part None).
+        """
+        if not self.fsdp:
+            return self.model.state_dict(), self.optimizer.state_dict() if optimizer else None
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(self.module, options=opts)
+        optim = get_optimizer_state_dict(self.module, self.optimizer, options=opts) if optimizer else None
+        if not self.dist.is_main:
+            return None, None
+        # the gathered names are the SFTModule's ("model.layers.0..."); the checkpoint wants the model's
+        weights = {k.removeprefix("model."): v for k, v in weights.items()}
+        return weights, optimizer_state_by_index(optim) if optim is not None else None
+
+    def load_optimizer_state(self, state: dict) -> None:
+        """Load a whole optimizer state dict in the ``Optimizer.state_dict()`` format (sharded under FSDP)."""
+        if not self.fsdp:
+            self.optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        by_id = {id(p): name for name, p in self.module.named_parameters()}
+        names = [by_id[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+        set_optimizer_state_dict(self.module, self.optimizer, optimizer_state_by_name(state, names),
+                                 options=StateDictOptions(full_state_dict=True))
+
     def save(self, *, final: bool = False) -> Path:
         """Checkpoint (rank 0 writes, others wait). ``final``: the model only, in ``out/final``."""
         path = self.out / ("final" if final else checkpoint_name(self.step))
+        weights, optim = self.full_state_dicts(optimizer=not final)
         if self.dist.is_main:
-            st, tensors = (None, None) if final else self.state()
-            save_checkpoint(path, self.model, self.tokenizer, self.control, state=st, tensors=tensors)
+            st, tensors = (None, None) if final else self.state(optim)
+            save_checkpoint(path, self.model, self.tokenizer, self.control, state=st, tensors=tensors,
+                            state_dict=weights)
             if not final:
                 prune_checkpoints(self.out, self.cfg.keep_last)
         if self.dist.world > 1:
@@ -219,6 +329,8 @@ class Trainer:
         loss_sum, n_targets, n_tokens = self.forward_backward(rows)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if self.fsdp:       # a replicated DTensor: the norm over all shards
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -238,13 +350,23 @@ class Trainer:
         runner = self.ddp or self.module
         for i, b in enumerate(batches):
             b = b.to(self.device)
-            sync = self.ddp is None or i == len(batches) - 1
-            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+            with self._grad_sync(last=i == len(batches) - 1):
                 with self._autocast():
                     loss = runner(b.tokens, b.positions, b.attn_mask, b.target_index, b.targets)
                 (loss * scale).backward()
             loss_sum += loss.detach()
         return loss_sum, n_targets, n_tokens
+
+    def _grad_sync(self, *, last: bool):
+        # Gradients are reduced once per step, after the last micro-batch (DDP: no_sync before it). FSDP
+        # also keeps the gathered parameters through the accumulation, unless fsdp_accum_sync trades that
+        # for a reduce-scatter per micro-batch and sharded gradients (the memory FSDP is there to save).
+        if self.ddp is not None and not last:
+            return self.ddp.no_sync()
+        if self.fsdp and not self.cfg.fsdp_accum_sync:
+            self.module.set_requires_gradient_sync(last)
+            self.module.set_reshard_after_backward(last)
+        return contextlib.nullcontext()
 
     def _autocast(self):
         if self.autocast_dtype is None:
