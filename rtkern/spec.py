@@ -90,7 +90,7 @@ class RefusalSpec:
 
     def ids_tensor(self, device: torch.device) -> torch.Tensor:
         """``control_ids`` as an int32 tensor on ``device``, cached (build it before CUDA-graph capture)."""
-        key = str(torch.device(device))
+        key = device if isinstance(device, torch.device) else torch.device(device)
         t = self._device_ids.get(key)
         if t is None:
             t = torch.tensor(self.control_ids, dtype=torch.int32, device=device)
@@ -98,6 +98,8 @@ class RefusalSpec:
         return t
 
     def check_vocab(self, vocab_size: int) -> None:
+        if max(self.control_ids) < vocab_size:
+            return
         bad = [i for i in self.control_ids if i >= vocab_size]
         if bad:
             raise ValueError(f"control token ids {bad} are out of range for a vocabulary of {vocab_size}")
@@ -302,7 +304,21 @@ class RefusalControls:
         return self
 
     def check(self, batch: int, num_categories: int, vocab_size: int, device: torch.device) -> None:
-        """Shape/dtype/device checks against a logits tensor (no value checks: no device sync)."""
+        """Shape/dtype/device checks against a logits tensor (no value checks: no device sync).
+
+        A decode loop passes the same controls every step, so a pass is remembered together with the
+        very tensor objects it saw (held, so their ids cannot be reused): replacing a field re-checks.
+        """
+        key = (batch, num_categories, vocab_size, device)
+        seen = (self.thresholds, self.logit_bias, self.mode, self.temperature, self.first_step, self.seed,
+                self.position, self.vocab_mask)
+        last = self.__dict__.get("_checked")
+        if last is not None and last[0] == key and all(a is b for a, b in zip(last[1], seen)):
+            return
+        self._check(batch, num_categories, vocab_size, device)
+        self.__dict__["_checked"] = (key, seen)
+
+    def _check(self, batch: int, num_categories: int, vocab_size: int, device: torch.device) -> None:
         expect = {"thresholds": ((batch, num_categories), torch.float32),
                   "logit_bias": ((batch, num_categories), torch.float32),
                   "mode": ((batch,), torch.int32), "temperature": ((batch,), torch.float32),

@@ -165,6 +165,21 @@ def test_bad_out_is_rejected(no_launch, backend, out, exc, match):
         refusal_sample(good_logits(), SPEC, good_controls(), out=out, backend=backend)
 
 
+def test_remembered_checks_still_catch_a_replaced_field_or_another_shape(no_launch):
+    # The per-step fast path remembers a passing check; a replaced tensor or another batch re-checks.
+    controls, out = good_controls(), _out()
+    with pytest.raises(AssertionError, match="before the bad input"):   # passes the checks, reaches a launch
+        refusal_sample(good_logits(), SPEC, controls, out=out, backend="torch")
+    controls.thresholds = torch.zeros(B, C + 1, device=DEVICE)
+    with pytest.raises(ValueError, match=r"controls.thresholds must have shape \[2, 2\], got \[2, 3\]"):
+        refusal_sample(good_logits(), SPEC, controls, out=out, backend="torch")
+    with pytest.raises(ValueError, match=r"controls.thresholds must have shape \[3, 2\], got \[2, 2\]"):
+        refusal_sample(torch.zeros(3, V, device=DEVICE), SPEC, good_controls(), backend="torch")
+    with pytest.raises(ValueError, match=r"out.tokens must be .* shape \[3\]"):
+        refusal_sample(torch.zeros(3, V, device=DEVICE), SPEC, RefusalControls.build(3, C, DEVICE), out=out,
+                       backend="torch")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bias,exc,match", [
     ([[0.0, 0.0]] * B, TypeError, r"logit_bias must be a float32 \[2, 2\] tensor, got list"),
