@@ -2,13 +2,13 @@
 # GPU work in device-call-sized parts (see ../shared/DEVICE.md). From the repo root on the lent machine:
 #   bash bench/gpu.sh /tmp/m/smollm2.gguf tests sampler     # ~6 min
 #   bash bench/gpu.sh /tmp/m/smollm2.gguf kernels decode    # ~8 min
-#   bash bench/gpu.sh /tmp/m/smollm2.gguf score
-# Parts: tests (GPU pytest), sampler, kernels, score, decode (default: all, which exceeds one 10-min call).
+#   bash bench/gpu.sh /tmp/m/smollm2.gguf score train
+# Parts: tests (GPU pytest), sampler, kernels, score, train, decode (default: all; more than one 10-min call).
 # Everything lands in $OUT (default ./results/gpu): pytest.txt, sampler/kernels/decode .json/.md/.png.
 set -uo pipefail
 GGUF=${1:?path to the SmolLM2 GGUF}
 shift
-PARTS=${*:-tests sampler kernels score decode}
+PARTS=${*:-tests sampler kernels score train decode}
 OUT=${OUT:-results/gpu}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
@@ -29,10 +29,13 @@ for part in $PARTS; do
     score)
       timeout 200 python3 -m rtkern.cli bench score --model "$GGUF" --out "$OUT" > "$OUT/score.txt" 2>&1
       tail -n 8 "$OUT/score.txt" ;;
+    train)
+      timeout 300 python3 -m rtkern.cli bench train --out "$OUT" > "$OUT/train.txt" 2>&1
+      tail -n 8 "$OUT/train.txt" ;;
     decode)
       timeout 330 python3 -m rtkern.cli bench decode --no-progress --model "$GGUF" llama3-8b-random --out "$OUT" \
         > "$OUT/decode.txt" 2>&1
       tail -n 25 "$OUT/decode.txt" ;;
-    *) echo "unknown part $part (tests|sampler|kernels|score|decode)" >&2; exit 2 ;;
+    *) echo "unknown part $part (tests|sampler|kernels|score|train|decode)" >&2; exit 2 ;;
   esac
 done

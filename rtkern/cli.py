@@ -11,6 +11,8 @@ To add a command, put ``configure(parser)`` and ``run(args) -> int`` in a module
               ".bench.kernels", "add_arguments", "run_from_args")
 register_lazy(("bench", "score"), "first-token refusal scoring throughput: rtkern.calibrate.score vs a transformers forward loop",
               ".bench.score", "add_arguments", "run_from_args")
+register_lazy(("bench", "train"), "SFT step throughput and peak memory: rtkern trainer vs a transformers training loop",
+              ".bench.train", "add_arguments", "run_from_args")
 register_lazy(("generate",), "generate text with refusal control", ".generate_cli")
 
 Registering a path again replaces the previous entry.
@@ -65,6 +67,8 @@ register_lazy(("bench", "kernels"), "decoder Triton kernels (RMSNorm, RoPE+cache
               ".bench.kernels", "add_arguments", "run_from_args")
 register_lazy(("bench", "score"), "first-token refusal scoring throughput: rtkern.calibrate.score vs a transformers forward loop",
               ".bench.score", "add_arguments", "run_from_args")
+register_lazy(("bench", "train"), "SFT step throughput and peak memory: rtkern trainer vs a transformers training loop",
+              ".bench.train", "add_arguments", "run_from_args")
 register_lazy(("generate",), "generate text with refusal control; prints answers and refusal probabilities",
               ".generate_cli")
 register_lazy(("train",), "SFT with refusal tokens (control token as the first assistant token; HF checkpoints)",

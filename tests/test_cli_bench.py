@@ -87,6 +87,18 @@ def test_bench_score(tiny_dir, tmp_path, capsys):
     assert "| 4 | rtkern | 6 |" in capsys.readouterr().out
 
 
+def test_bench_train(tiny_dir, tmp_path, capsys):
+    rc = cli.main(["bench", "train", "--model", str(tiny_dir), "--batch", "2", "--seq", "24", "--steps", "1",
+                   "--warmup", "1", "--methods", "rtkern", "hf", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "train.json").read_text())["rows"]}
+    assert set(rows) == {"rtkern", "hf"} and not any(r["error"] for r in rows.values())
+    # the same weights and batch: the same first loss, computed two ways
+    assert rows["rtkern"]["loss0"] == pytest.approx(rows["hf"]["loss0"], rel=1e-4)
+    assert all(r["tok_s"] > 0 and r["seq"] == 24 for r in rows.values())
+    assert "| rtkern | 2 | 24 |" in capsys.readouterr().out
+
+
 def test_generate_cli(tiny_dir, capsys):
     rc = cli.main(["generate", "--model", str(tiny_dir), "--device", "cpu", "--add-control-tokens", "single",
                    "--thresholds", "0", "--max-new-tokens", "5", "--json", "hello world", "please respond"])
