@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._cast import round_to
+from ._common import num_sms, round_to
 
 
 @triton.jit
@@ -79,8 +79,7 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, out_stride, H, DH, SPLITS,
 
 def _plan(B: int, n_kv: int, S: int, device: torch.device, block_s: int) -> int:
     """Chunk length: enough programs to cover the GPU about twice at this batch, whole tiles each."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    splits = max(1, min(triton.cdiv(2 * sms, B * n_kv), triton.cdiv(S, block_s)))
+    splits = max(1, min(triton.cdiv(2 * num_sms(device), B * n_kv), triton.cdiv(S, block_s)))
     return triton.cdiv(triton.cdiv(S, splits), block_s) * block_s
 
 

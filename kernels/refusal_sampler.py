@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import num_sms
+
 
 @triton.jit
 def _mul32(x, C: tl.constexpr):
@@ -209,12 +211,7 @@ def _decide_sample_kernel(
 
 
 def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return _SM_CACHE.setdefault(device.index, torch.cuda.get_device_properties(device).multi_processor_count)
-
-
-_SM_CACHE: dict = {}
+    return num_sms(device) if device.type == "cuda" else 1
 
 
 def default_block(dtype: torch.dtype, device: torch.device) -> int:

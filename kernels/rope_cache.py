@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._cast import round_to
+from ._common import round_to
 
 
 @triton.jit

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 import torch.nn.functional as F
 
-from ._cast import round_to
+from ._common import round_to
 
 
 @triton.jit

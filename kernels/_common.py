@@ -1,6 +1,20 @@
-"""Rounding shared by the model kernels."""
+"""Helpers shared by the kernels: rounding like torch, and the SM count (cached: it sits on the launch path)."""
+import functools
+
+import torch
 import triton
 import triton.language as tl
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 4 stands in for the CPU interpreter."""
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @triton.jit
