@@ -11,6 +11,7 @@ method             one optimizer step
                    only, chunked cross-entropy (no ``[B*T, V]`` float32 logits), ``build_optimizer``
 ``rtkern-compile`` the same with each block ``torch.compile``-d (``TrainConfig.compile``)
 ``rtkern-ckpt``    the same with activation checkpointing
+``rtkern-triton``  the same with RMSNorm and SwiGLU on rtkern's Triton forward/backward (``--kernels triton``)
 ``hf``             ``LlamaForCausalLM(input_ids, labels=...)`` (its default attention and loss), torch AdamW
 =================  ========================================================================================
 
@@ -41,7 +42,7 @@ from rtkern.model import ModelArgs, Transformer, rtkern_to_hf_state_dict
 from .sampler import environment
 
 DEFAULT_OUT = Path("results") / "bench-train"
-METHODS = ("rtkern", "rtkern-compile", "rtkern-ckpt", "hf")
+METHODS = ("rtkern", "rtkern-compile", "rtkern-ckpt", "rtkern-triton", "hf")
 
 
 @dataclass
@@ -88,12 +89,15 @@ def _init(args: ModelArgs, device) -> Transformer:
 
 def _rtkern_step(method: str, args: ModelArgs, batch: dict, device):
     from rtkern.train.config import TrainConfig
-    from rtkern.train.trainer import SFTModule, build_optimizer, compile_blocks, enable_activation_checkpointing
+    from rtkern.train.trainer import (SFTModule, build_optimizer, compile_blocks, enable_activation_checkpointing,
+                                      use_triton_kernels)
     model = _init(args, device).train()
     if method == "rtkern-compile":
         compile_blocks(model)
     if method == "rtkern-ckpt":
         enable_activation_checkpointing(model)
+    if method == "rtkern-triton":
+        use_triton_kernels(model)
     module = SFTModule(model)
     opt = build_optimizer(model, TrainConfig(lr=1e-5))
     n = batch["targets"].numel()

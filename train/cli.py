@@ -35,6 +35,8 @@ _FLAGS = {
     "--log-every": ("log_every", int, "steps between metrics records"),
     "--seed": ("seed", int, "seed for data order and init"),
     "--device": ("device", str, "cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when available)"),
+    "--kernels": ("kernels", str, "torch, or triton: RMSNorm and SwiGLU forward/backward on rtkern's Triton "
+                                  "kernels (CUDA; the CPU only through TRITON_INTERPRET=1)"),
     "--parallel": ("parallel", str, "under torchrun: ddp (auto) or fsdp (FSDP2: shards parameters, gradients "
                                     "and optimizer state, for models that do not fit one GPU)"),
 }
@@ -52,7 +54,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "FILE[@refusal|contrast|respond] (JSONL/JSON/CSV: prompt,response[,category]; "
                         "Alpaca, Dolly, self-instruct, messages, CoCoNot)")
     from .config import PARALLEL_MODES
-    choices = {"--scheme": ("single", "category"), "--dtype": ("auto", "bf16", "fp32"), "--parallel": PARALLEL_MODES}
+    choices = {"--scheme": ("single", "category"), "--dtype": ("auto", "bf16", "fp32"), "--parallel": PARALLEL_MODES,
+               "--kernels": ("torch", "triton")}
     for flag, (_, typ, help_) in _FLAGS.items():
         p.add_argument(flag, type=typ, default=argparse.SUPPRESS, choices=choices.get(flag), help=help_)
     for flag, (_, help_) in _SWITCHES.items():

@@ -50,6 +50,7 @@ class TrainConfig:
     dtype: str = "auto"
     activation_checkpointing: bool = False
     compile: bool = False
+    kernels: str = "torch"
     ce_chunk: int = 1024
     pad_multiple: int = 8
     seed: int = 0
@@ -73,6 +74,10 @@ class TrainConfig:
         if self.dtype not in ("auto", "bf16", "fp32"):
             # fp16 would need loss scaling; bf16 has float32's range and needs none
             raise ValueError(f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+        if self.kernels not in ("torch", "triton"):
+            raise ValueError(f"kernels must be 'torch' or 'triton', got {self.kernels!r}")
+        if self.kernels == "triton" and self.compile:
+            raise ValueError("kernels='triton' and compile=True both replace the blocks' ops: pick one")
         if self.parallel not in PARALLEL_MODES:
             raise ValueError(f"parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
         if isinstance(self.data, str):

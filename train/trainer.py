@@ -105,6 +105,18 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
             layer._rtkern_ckpt = True
 
 
+def use_triton_kernels(model: nn.Module) -> None:
+    """Run every RMSNorm and SwiGLU of ``model`` on rtkern's Triton forward/backward (names unchanged)."""
+    from rtkern.kernels.rmsnorm import rms_norm
+    from rtkern.kernels.swiglu import silu_mul
+    for norm in [m for layer in model.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)] \
+            + [model.norm]:
+        norm.forward = functools.partial(lambda n, x: rms_norm(x, n.weight.to(x.dtype), n.eps), norm)
+    for layer in model.layers:
+        mlp = layer.mlp
+        mlp.forward = functools.partial(lambda m, x: m.down_proj(silu_mul(m.gate_proj(x), m.up_proj(x))), mlp)
+
+
 def compile_blocks(model: nn.Module) -> None:
     """``torch.compile`` each block in place (regional: fast to compile, names unchanged)."""
     for layer in model.layers:
@@ -208,6 +220,12 @@ class Trainer:
             enable_activation_checkpointing(model)
         if cfg.compile:
             compile_blocks(model)
+        if cfg.kernels == "triton":
+            from rtkern.kernels.refusal_sampler import interpreter_enabled
+            if self.device.type != "cuda" and not interpreter_enabled():
+                raise ValueError(f"kernels='triton' trains on CUDA (or the CPU with TRITON_INTERPRET=1), "
+                                 f"got device {self.device}")
+            use_triton_kernels(model)
         self.module = SFTModule(model, cfg.ce_chunk)
         self.ddp = None
         self.fsdp = self.dist.world > 1 and cfg.parallel == "fsdp"
