@@ -145,6 +145,12 @@ def test_cuda_graph_decode_equals_eager(loaded):
     eager = Engine(model, tok, max_batch=4, cuda_graphs=False, sampler_backend="triton").generate(PROMPTS, params)
     graph = Engine(model, tok, max_batch=4, cuda_graphs=True).generate(PROMPTS, params)
     assert [r.tokens for r in graph] == [r.tokens for r in eager]
+    # the Triton decode step, replayed from its graph, against the same step run eagerly
+    fused_eager = Engine(model, tok, max_batch=4, cuda_graphs=False, kernels="triton").generate(PROMPTS, params)
+    fused_graph = Engine(model, tok, max_batch=4, cuda_graphs=True, kernels="triton").generate(PROMPTS, params)
+    assert [r.tokens for r in fused_graph] == [r.tokens for r in fused_eager]
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0.0]
+    assert [fused_graph[i].tokens for i in greedy] == [graph[i].tokens for i in greedy]   # fp32: same argmax
 
 
 def test_prompt_text_never_becomes_a_control_token(engine):
