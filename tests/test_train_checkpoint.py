@@ -67,6 +67,18 @@ def test_round_trip_through_transformers_and_rtkern(tmp_path, tie):
     assert meta["scheme"] == "category" and meta["categories"][0] == "Humanizing requests"
 
 
+def test_saves_a_model_whose_weights_the_fused_decode_path_made_views(tmp_path):
+    from rtkern import fused_decode
+    model, tok, ctrl = _prepared(tmp_path, tie=False)
+    model.setup_cache(1, 8)
+    fused_decode.prepare(model)     # q/k/v and gate/up weights now share storage
+    model.remove_cache()
+    d = ck.save_checkpoint(tmp_path / "ckpt", model, tok, ctrl)
+    m2, _ = load_model(d, device="cpu", dtype=torch.float32)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(m2.state_dict()[k], v, rtol=0, atol=0)
+
+
 def test_atomic_replace_and_failed_write_keeps_old(tmp_path, monkeypatch):
     model, tok, ctrl = _prepared(tmp_path, True, "single")
     d = ck.save_checkpoint(tmp_path / "out" / "c", model, tok, ctrl, state={"step": 1}, tensors={"x": torch.ones(2)})

@@ -100,10 +100,16 @@ def write_model_files(d: Path, model, tokenizer, control: ControlTokens, *, stat
                                                "eos_token_id": list(tokenizer.eos_ids)})
     tied = model.lm_head.weight is model.embed_tokens.weight
     sd = rtkern_to_hf_state_dict(sd, tie_word_embeddings=tied)
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in sd.items()}, str(d / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file({k: _own_storage(v.detach().to("cpu").contiguous()) for k, v in sd.items()},
+              str(d / "model.safetensors"), metadata={"format": "pt"})
     write_tokenizer_files(d, tokenizer, control)
     _write_json(d / CONTROL_FILE, control.to_json())
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    # safetensors refuses tensors that share storage, e.g. q/k/v weights made views of one fused tensor
+    # by rtkern.fused_decode.prepare
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
 def write_tokenizer_files(d: Path, tokenizer, control: ControlTokens) -> None:
