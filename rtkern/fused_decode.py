@@ -32,8 +32,16 @@ def _fuse(first: torch.nn.Linear, *rest: torch.nn.Linear) -> torch.Tensor:
     return fused
 
 
-def _is_fused(fused: torch.Tensor | None, first: torch.nn.Linear) -> bool:
-    return fused is not None and first.weight.data_ptr() == fused.data_ptr()
+def _is_fused(fused: torch.Tensor | None, *layers: torch.nn.Linear) -> bool:
+    """Whether every layer's weight is still its slice of ``fused`` (a replaced parameter is not)."""
+    if fused is None:
+        return False
+    at = fused.data_ptr()
+    for m in layers:
+        if m.weight.data_ptr() != at:
+            return False
+        at += m.weight.numel() * m.weight.element_size()
+    return True
 
 
 def prepare(model) -> bool:
@@ -51,9 +59,9 @@ def _prepare(model) -> bool:
     changed = False
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        if not _is_fused(getattr(attn, "wqkv", None), attn.q_proj):
+        if not _is_fused(getattr(attn, "wqkv", None), attn.q_proj, attn.k_proj, attn.v_proj):
             attn.wqkv, changed = _fuse(attn.q_proj, attn.k_proj, attn.v_proj), True
-        if not _is_fused(getattr(mlp, "w_gate_up", None), mlp.gate_proj):
+        if not _is_fused(getattr(mlp, "w_gate_up", None), mlp.gate_proj, mlp.up_proj):
             mlp.w_gate_up, changed = _fuse(mlp.gate_proj, mlp.up_proj), True
     if model.max_seq == 0:
         raise ValueError("the fused decode path needs a KV cache: call model.setup_cache first")

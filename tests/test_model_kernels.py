@@ -202,6 +202,9 @@ def test_prepare_keeps_parameters_as_views_and_trainable():
         attn.k_proj.weight.add_(1.0)                    # an in-place weight update reaches the fused GEMM
     torch.testing.assert_close(attn.wqkv[attn.q_proj.weight.shape[0]:][:attn.k_proj.weight.shape[0]],
                                attn.k_proj.weight)
+    attn.v_proj.weight = torch.nn.Parameter(attn.v_proj.weight.detach() * 2)   # replaced, not updated
+    assert fused_decode.prepare(model)                  # re-fused: the new v weight reaches the GEMM
+    torch.testing.assert_close(attn.wqkv[-attn.v_proj.weight.shape[0]:], attn.v_proj.weight)
     model.remove_cache()
     model.train()
     model(torch.randint(0, 111, (2, 5), device=DEVICE)).sum().backward()   # not inference tensors
