@@ -99,17 +99,9 @@ def _rtkern_step(method: str, args: ModelArgs, batch: dict, device):
     if method == "rtkern-triton":
         use_triton_kernels(model)
     module = SFTModule(model)
-    opt = build_optimizer(model, TrainConfig(lr=1e-5))
     n = batch["targets"].numel()
-
-    def step() -> torch.Tensor:
-        loss = module(batch["tokens"], None, None, batch["index"], batch["targets"]) / n
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-    return step
+    return _optimizer_step(lambda: module(batch["tokens"], None, None, batch["index"], batch["targets"]) / n,
+                           model, build_optimizer(model, TrainConfig(lr=1e-5)))
 
 
 def _hf_step(args: ModelArgs, batch: dict, device):
@@ -122,11 +114,15 @@ def _hf_step(args: ModelArgs, batch: dict, device):
     rest = [p for p in hf.parameters() if p.dim() <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
                             lr=1e-5, betas=(0.9, 0.95))
+    return _optimizer_step(lambda: hf(input_ids=batch["tokens"], labels=batch["labels"]).loss, hf, opt)
 
+
+def _optimizer_step(loss_fn, model, opt):
+    """One full step, the same for every method: mean loss, backward, clip at 1.0, AdamW, zero grads."""
     def step() -> torch.Tensor:
-        loss = hf(input_ids=batch["tokens"], labels=batch["labels"]).loss
+        loss = loss_fn()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()

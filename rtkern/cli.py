@@ -7,13 +7,7 @@ and a command whose dependencies are missing does not break the others.
 
 To add a command, put ``configure(parser)`` and ``run(args) -> int`` in a module and call `register_lazy`::
 
-    register_lazy(("bench", "kernels"), "decoder Triton kernels (RMSNorm, RoPE+cache, decode attention, SwiGLU) vs torch",
-              ".bench.kernels", "add_arguments", "run_from_args")
-register_lazy(("bench", "score"), "first-token refusal scoring throughput: rtkern.calibrate.score vs a transformers forward loop",
-              ".bench.score", "add_arguments", "run_from_args")
-register_lazy(("bench", "train"), "SFT step throughput and peak memory: rtkern trainer vs a transformers training loop",
-              ".bench.train", "add_arguments", "run_from_args")
-register_lazy(("generate",), "generate text with refusal control", ".generate_cli")
+    register_lazy(("generate",), "generate text with refusal control", ".generate_cli")
 
 Registering a path again replaces the previous entry.
 """
@@ -59,16 +53,15 @@ def register_lazy(path: Sequence[str], help: str, module: str, configure: str = 
     return register(path, help, conf, go)
 
 
-register_lazy(("bench", "sampler"), "fused refusal sampler vs naive PyTorch / CUDA graph / torch.compile / FlashInfer",
-              ".bench.sampler", "add_arguments", "run_from_args")
-register_lazy(("bench", "decode"), "decode ms/step and tok/s: rtkern engine vs transformers generate and gpt-fast style",
-              ".bench.decode", "add_arguments", "run_from_args")
-register_lazy(("bench", "kernels"), "decoder Triton kernels (RMSNorm, RoPE+cache, decode attention, SwiGLU) vs torch",
-              ".bench.kernels", "add_arguments", "run_from_args")
-register_lazy(("bench", "score"), "first-token refusal scoring throughput: rtkern.calibrate.score vs a transformers forward loop",
-              ".bench.score", "add_arguments", "run_from_args")
-register_lazy(("bench", "train"), "SFT step throughput and peak memory: rtkern trainer vs a transformers training loop",
-              ".bench.train", "add_arguments", "run_from_args")
+_BENCHES = {
+    "sampler": "fused refusal sampler vs naive PyTorch / CUDA graph / torch.compile / FlashInfer",
+    "decode": "decode ms/step and tok/s: rtkern engine vs transformers generate and gpt-fast style",
+    "kernels": "decoder Triton kernels (RMSNorm, RoPE+cache, decode attention, SwiGLU) vs torch",
+    "score": "first-token refusal scoring throughput: rtkern.calibrate.score vs a transformers forward loop",
+    "train": "SFT step throughput and peak memory: rtkern trainer vs a transformers training loop",
+}
+for _name, _help in _BENCHES.items():
+    register_lazy(("bench", _name), _help, f".bench.{_name}", "add_arguments", "run_from_args")
 register_lazy(("generate",), "generate text with refusal control; prints answers and refusal probabilities",
               ".generate_cli")
 register_lazy(("train",), "SFT with refusal tokens (control token as the first assistant token; HF checkpoints)",
