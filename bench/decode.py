@@ -77,17 +77,22 @@ def load_subject(name: str, device, dtype):
         args = ModelArgs.from_name(name[: -len(RANDOM_SUFFIX)])
         with torch.device("meta"):
             model = Transformer(args)
-        model = model.to_empty(device=device).to(dtype)
-        torch.manual_seed(0)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+        model = random_weights_(model.to_empty(device=device).to(dtype))
         v = args.vocab_size
         spec = RefusalSpec(list(range(v - 6, v - 1)), respond_id=v - 1)  # reserved ids at the vocab's end
         return model.eval().requires_grad_(False), None, spec
     model, tok = load_model(name, device=device, dtype=dtype)
     ct = add_control_tokens(model, tok, "category")  # untrained rows: latency does not care
     return model.eval().requires_grad_(False), tok, RefusalSpec(ct.refusal_ids, ct.respond_id, ct.names)
+
+
+def random_weights_(model):
+    """Seeded random weights of a realistic scale (matrices N(0, 0.02), norms 1), in place; returns ``model``."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    return model
 
 
 def step_bytes(model, batch: int, context: int) -> int:

@@ -36,7 +36,7 @@ from rtkern.kernels.rope_cache import rope_cache_update, rope_table
 from rtkern.kernels.swiglu import swiglu, swiglu_reference
 from rtkern.model import ModelArgs, _decode_attention, apply_rope, rope_inv_freq
 
-from .sampler import DTYPES, H100_BANDWIDTH, environment, time_call
+from .sampler import DTYPES, H100_BANDWIDTH, _capture, environment, time_call
 
 DEFAULT_OUT = Path("results") / "bench-kernels"
 OPS = ("add_rmsnorm", "rope_cache", "decode_attention", "swiglu")
@@ -107,16 +107,7 @@ def make_op(op: str, args: ModelArgs, B: int, dtype, device) -> tuple[dict[str, 
 def graph_time_us(call: Callable, calls: int = 20) -> float:
     """Per-call device time when ``calls`` back-to-back calls replay from one CUDA graph."""
     from triton.testing import do_bench
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            call()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            call()
+    g, _ = _capture(lambda: [call() for _ in range(calls)])
     return do_bench(g.replay, warmup=10, rep=50, return_mode="median") * 1e3 / calls
 
 

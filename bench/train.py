@@ -39,6 +39,7 @@ import torch
 
 from rtkern.model import ModelArgs, Transformer, rtkern_to_hf_state_dict
 
+from .decode import random_weights_
 from .sampler import environment
 
 DEFAULT_OUT = Path("results") / "bench-train"
@@ -79,12 +80,7 @@ def make_batch(args: ModelArgs, B: int, T: int, prompt_frac: float, device) -> d
 
 
 def _init(args: ModelArgs, device) -> Transformer:
-    torch.manual_seed(0)
-    model = Transformer(args)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
-    return model.to(device)
+    return random_weights_(Transformer(args)).to(device)
 
 
 def _rtkern_step(method: str, args: ModelArgs, batch: dict, device):
