@@ -274,8 +274,8 @@ def build_method(name: str, logits: torch.Tensor, spec: RefusalSpec, controls: R
     if name.startswith("flashinfer") and not cuda:
         raise Unavailable("flashinfer needs a CUDA device")
     if name == "rtkern-triton" or name == "rtkern-triton-graph":
-        from rtkern.kernels.refusal_sampler import interpreter_enabled
-        if not cuda and not interpreter_enabled():
+        from rtkern.kernels._common import triton_runs_on
+        if not triton_runs_on(logits.device):
             raise Unavailable("the Triton sampler needs CUDA (or TRITON_INTERPRET=1, far too slow to time)")
 
     if name == "naive":

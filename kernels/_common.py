@@ -1,9 +1,19 @@
 """Helpers shared by the kernels: rounding like torch, and the SM count (cached: it sits on the launch path)."""
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether rtkern's Triton kernels can run on ``device``: CUDA, or anywhere through the interpreter."""
+    return device.type == "cuda" or interpreter_enabled()
 
 
 def num_sms(device: torch.device) -> int:

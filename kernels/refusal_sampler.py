@@ -16,7 +16,6 @@ Because partials are per tile, results do not depend on SPLITS (nor on batch siz
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -247,10 +246,6 @@ def refusal_sample_launch(logits, ctl_ids, num_refusal, thresholds, logit_bias, 
         V, nt, B, NUM_REF=num_refusal, NUM_CTL=num_ctl, CT_P2=triton.next_power_of_2(num_ctl),
         NT_P2=triton.next_power_of_2(nt), HAS_MASK=has_mask, BLOCK=block, DECIDE_ONLY=decide_only,
         num_warps=4)
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @torch.library.custom_op("rtkern::refusal_sample", mutates_args=("tokens", "probs", "refused"))

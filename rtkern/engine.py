@@ -16,7 +16,7 @@ import torch
 
 from . import fused_decode
 from .adapters._common import per_category
-from .kernels.refusal_sampler import interpreter_enabled
+from .kernels._common import triton_runs_on
 from .sampler import refusal_sample
 from .spec import RefusalControls, RefusalSpec, SampleOutput
 
@@ -222,7 +222,7 @@ class Engine:
 def _check_kernels(kernels, device: torch.device, compile: bool) -> str:
     if kernels not in ("torch", "triton"):
         raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
-    if kernels == "triton" and device.type != "cuda" and not interpreter_enabled():
+    if kernels == "triton" and not triton_runs_on(device):
         raise ValueError(f"kernels='triton' needs a CUDA model or TRITON_INTERPRET=1, got a model on {device}")
     if kernels == "triton" and compile:
         raise ValueError("compile=True applies to the torch decode step; with kernels='triton' the step is "

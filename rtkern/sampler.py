@@ -9,7 +9,8 @@ from typing import Optional
 
 import torch
 
-from .kernels.refusal_sampler import interpreter_enabled, refusal_sample_launch
+from .kernels._common import triton_runs_on
+from .kernels.refusal_sampler import refusal_sample_launch
 from .reference import _bad_rows, decide, refusal_probs_reference, sample_reference
 from .spec import RefusalControls, RefusalSpec, SampleOutput, unpack_vocab_mask
 
@@ -43,7 +44,7 @@ def _check(logits, spec, controls, out, backend) -> str:
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
     if backend == "triton":
-        if not logits.is_cuda and not interpreter_enabled():
+        if not triton_runs_on(logits.device):
             raise ValueError(f"backend='triton' needs a CUDA tensor or TRITON_INTERPRET=1, got logits on {logits.device}")
         if V >= _MAX_TRITON_VOCAB:
             raise ValueError(f"the Triton sampler supports V < {_MAX_TRITON_VOCAB}, got V={V}")

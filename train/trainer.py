@@ -221,8 +221,8 @@ class Trainer:
         if cfg.compile:
             compile_blocks(model)
         if cfg.kernels == "triton":
-            from rtkern.kernels.refusal_sampler import interpreter_enabled
-            if self.device.type != "cuda" and not interpreter_enabled():
+            from rtkern.kernels._common import triton_runs_on
+            if not triton_runs_on(self.device):
                 raise ValueError(f"kernels='triton' trains on CUDA (or the CPU with TRITON_INTERPRET=1), "
                                  f"got device {self.device}")
             use_triton_kernels(model)
