@@ -183,6 +183,14 @@ def test_label_masking_only_assistant_part(prepared):
     # target positions are exactly those predicting the control token .. end of turn
     assert b.target_index.tolist() == list(range(ex.n_prompt - 1, len(ex.ids) - 1))
     assert b.targets.tolist() == list(ex.ids[ex.n_prompt:])
+    assert b.target_weight is None
+    # control_weight lands on each example's control token, packed or not
+    other = build_example(tok, Record("hi", "hello there friend", "respond", "respond"), ctrl.respond_id)
+    for rows in ([[ex], [other]], [[ex, other]]):
+        w = collate(rows, control_weight=5.0)
+        heavy = w.targets[w.target_weight == 5.0].tolist()
+        assert heavy == [ex.ids[ex.n_prompt], ctrl.respond_id]
+        assert (w.target_weight != 5.0).sum() == len(w.targets) - 2 and set(w.target_weight.tolist()) == {1.0, 5.0}
 
 
 def test_prompt_spelling_a_control_token_stays_text(prepared):

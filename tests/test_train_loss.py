@@ -26,6 +26,22 @@ def test_matches_reference_loss_and_grads(chunk):
     torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [5, 1000])
+def test_token_weights_match_weighted_reference(chunk):
+    h, w, y = _inputs()
+    tw = torch.rand(len(y), generator=torch.Generator().manual_seed(1)) * 4
+    ref = (F.cross_entropy(h @ w.t(), y, reduction="none") * tw).sum()
+    gh_ref, gw_ref = torch.autograd.grad(ref, (h, w))
+    got = chunked_cross_entropy(h, w, y, chunk=chunk, token_weight=tw)
+    gh, gw = torch.autograd.grad(got, (h, w))
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(gh, gh_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-6)
+    # unit weights are the unweighted loss
+    torch.testing.assert_close(chunked_cross_entropy(h, w, y, token_weight=torch.ones(len(y))),
+                               chunked_cross_entropy(h, w, y))
+
+
 def test_float64_gradcheck():
     h, w, y = _inputs(n=6, d=4, v=7, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda a, b: chunked_cross_entropy(a, b, y, chunk=4), (h, w))
@@ -68,3 +84,7 @@ def test_bad_input():
         chunked_cross_entropy(h, w, y.int())
     with pytest.raises(ValueError):
         chunked_cross_entropy(h, w, y, chunk=0)
+    with pytest.raises(ValueError, match="token_weight"):
+        chunked_cross_entropy(h, w, y, token_weight=torch.ones(3))
+    with pytest.raises(TypeError, match="token_weight"):
+        chunked_cross_entropy(h, w, y, token_weight=torch.ones(len(y), dtype=torch.int64))

@@ -88,6 +88,37 @@ def test_accumulation_equals_one_big_batch(base, tmp_path):
     assert not math.isclose(float(sum(means) / len(means)), float(l1 / n1), rel_tol=1e-3)
 
 
+def test_control_weight_is_a_weighted_mean_over_the_window(base, tmp_path):
+    cw = 4.0
+    big = _setup(base, tmp_path, batch_size=6, control_weight=cw)
+    acc = _setup(base, tmp_path, batch_size=2, grad_accum=3, control_weight=cw)
+    rows = big.stream.take(6)
+    l1, n1, g1 = _grads(big, rows)
+    l2, n2, g2 = _grads(acc, rows)
+    n_plain = sum(len(e.ids) - e.n_prompt for r in rows for e in r)
+    assert n1 == n2 == n_plain + (cw - 1) * 6
+    torch.testing.assert_close(l1, l2)
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], rtol=1e-5, atol=1e-7)
+    model = big.model
+    model.zero_grad(set_to_none=True)
+    ref = []
+    for r in rows:
+        e = r[0]
+        logits = model(torch.tensor([e.ids]))[0, e.n_prompt - 1:-1]
+        nll = F.cross_entropy(logits, torch.tensor(e.ids[e.n_prompt:]), reduction="none")
+        ref.append(nll.sum() + (cw - 1) * nll[0])          # nll[0]: the control token
+    total = torch.stack(ref).sum()
+    torch.testing.assert_close(total.detach(), l1, rtol=1e-5, atol=1e-5)
+    (total / n1).backward()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, g1[k], rtol=1e-4, atol=1e-6)
+    # and the weighting changes the gradient (the test can fail)
+    plain = _setup(base, tmp_path, batch_size=6)
+    _, _, g0 = _grads(plain, rows)
+    assert not all(torch.allclose(g0[k], g1[k], rtol=1e-3) for k in g1)
+
+
 @pytest.mark.parametrize("tie", [True])
 def test_packing_equals_unpacked(base, tmp_path, tie):
     tr = _setup(base, tmp_path, tie=tie)
@@ -201,9 +232,11 @@ def test_no_decay_on_1d_params(base, tmp_path):
 
 
 def test_config_overrides_and_validation(tmp_path):
-    cfg = TrainConfig().with_overrides(["lr=5e-5", "packing=true", "max_steps=none", "data=a,b", "mix=1:1:2"])
-    assert cfg.lr == 5e-5 and cfg.packing is True and cfg.max_steps is None and cfg.data == ["a", "b"]
-    for bad in (["lr=-1"], ["nope=1"], ["packing=maybe"], ["batch_size=0"], ["scheme=both"], ["mix=1:1"], ["lr"]):
+    cfg = TrainConfig().with_overrides(["lr=5e-5", "packing=true", "max_steps=none", "data=a,b", "mix=1:1:2",
+                                      "control_weight=3"])
+    assert cfg.control_weight == 3.0 and cfg.lr == 5e-5 and cfg.packing is True and cfg.max_steps is None and cfg.data == ["a", "b"]
+    for bad in (["lr=-1"], ["nope=1"], ["packing=maybe"], ["batch_size=0"], ["scheme=both"], ["mix=1:1"], ["lr"],
+                ["control_weight=0"], ["control_weight=inf"]):
         with pytest.raises(ValueError):
             TrainConfig().with_overrides(bad)
     p = tmp_path / "c.json"

@@ -136,7 +136,8 @@ class Batch:
 
     ``tokens`` [B, T]; ``positions`` [B, T] and ``attn_mask`` [B, T, T] only when packed (else None:
     plain causal attention); ``target_index`` [N] flat indices into ``B*T`` of the positions that
-    predict a target; ``targets`` [N]; ``n_tokens``: real (non-pad) tokens.
+    predict a target; ``targets`` [N]; ``target_weight`` [N] float32 loss weights, or None when every
+    target weighs 1; ``n_tokens``: real (non-pad) tokens.
     """
 
     tokens: torch.Tensor
@@ -145,24 +146,29 @@ class Batch:
     target_index: torch.Tensor
     targets: torch.Tensor
     n_tokens: int
+    target_weight: torch.Tensor | None = None
 
     def to(self, device) -> "Batch":
         mv = (lambda t: None if t is None else t.to(device, non_blocking=True))
         return Batch(mv(self.tokens), mv(self.positions), mv(self.attn_mask), mv(self.target_index),
-                     mv(self.targets), self.n_tokens)
+                     mv(self.targets), self.n_tokens, mv(self.target_weight))
 
 
-def count_targets(rows) -> int:
-    """Trained tokens in rows (each example's targets: control token through end of turn)."""
-    return sum(len(e.ids) - e.n_prompt for row in rows for e in row)
+def count_targets(rows, control_weight: float = 1.0) -> float:
+    """Trained tokens in rows (each example's targets: control token through end of turn), the control
+    token counted ``control_weight`` times: the denominator of the weighted mean loss."""
+    n = sum(len(e.ids) - e.n_prompt for row in rows for e in row)
+    return n if control_weight == 1.0 else n + (control_weight - 1.0) * sum(len(row) for row in rows)
 
 
 def collate(rows: list[list[Example]], *, pad_id: int = 0, packed: bool | None = None,
-            pad_multiple: int = 8) -> Batch:
+            pad_multiple: int = 8, control_weight: float = 1.0) -> Batch:
     """Pad rows to a common length and list the positions whose next token is trained.
 
     With ``packed`` (default: any row holds more than one example) each example gets positions from 0
     and attends only within itself; padding forms its own segment so no attention row is empty.
+    ``control_weight`` != 1 weights each example's first target (its control token) by that much in
+    the loss (``target_weight``); the other targets weigh 1.
     """
     if not rows or any(not r for r in rows):
         raise ValueError("collate needs non-empty rows")
@@ -191,4 +197,10 @@ def collate(rows: list[list[Example]], *, pad_id: int = 0, packed: bool | None =
         seg = torch.where(seg < 0, len(rows[0]) + 10**6, seg)   # padding: a segment of its own
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         attn_mask = (seg[:, :, None] == seg[:, None, :]) & causal
-    return Batch(tokens, positions, attn_mask, torch.cat(t_index), torch.cat(targets), sum(lengths))
+    targets = torch.cat(targets)
+    weight = None
+    if control_weight != 1.0:
+        weight = torch.ones(len(targets), dtype=torch.float32)
+        first = torch.tensor([0] + [len(e.ids) - e.n_prompt for r in rows for e in r][:-1]).cumsum(0)
+        weight[first] = control_weight
+    return Batch(tokens, positions, attn_mask, torch.cat(t_index), targets, sum(lengths), weight)

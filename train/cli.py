@@ -29,6 +29,8 @@ _FLAGS = {
     "--weight-decay": ("weight_decay", float, "AdamW decay on matrices (1-D params never decay)"),
     "--grad-clip": ("grad_clip", float, "max global grad norm (0: no clipping)"),
     "--dtype": ("dtype", str, "autocast compute dtype: auto (bf16 on CUDA), bf16, fp32"),
+    "--control-weight": ("control_weight", float, "loss weight of the control token relative to response "
+                                                  "tokens (default 1: the plain completion loss)"),
     "--ce-chunk": ("ce_chunk", int, "tokens per chunk of the chunked cross-entropy"),
     "--save-every": ("save_every", int, "save a resumable checkpoint every N steps (0: only at the end/on SIGTERM)"),
     "--keep-last": ("keep_last", int, "resumable checkpoints to keep"),

@@ -23,7 +23,9 @@ class TrainConfig:
     replica per rank) or FSDP2 (``fsdp``: parameters, gradients and optimizer state sharded over the ranks,
     for models that do not fit one GPU); one process ignores it. ``fsdp_accum_sync``: reduce-scatter
     after every micro-batch and keep only gradient shards (less memory, more communication) instead of
-    accumulating full gradients until the step's last micro-batch.
+    accumulating full gradients until the step's last micro-batch. ``control_weight``: the loss weight of
+    each example's control token (the refusal decision) relative to its response tokens; 1 is the paper's
+    plain completion loss, and the loss stays a mean (divided by the summed weights).
     """
 
     base: str = "smollm2-135m-instruct"
@@ -52,6 +54,7 @@ class TrainConfig:
     compile: bool = False
     kernels: str = "torch"
     ce_chunk: int = 1024
+    control_weight: float = 1.0
     pad_multiple: int = 8
     seed: int = 0
     device: str | None = None
@@ -103,6 +106,9 @@ class TrainConfig:
         for name in ("min_lr_ratio", "warmup_ratio"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if isinstance(self.control_weight, bool) or not isinstance(self.control_weight, (int, float)) \
+                or not 0 < self.control_weight < float("inf"):
+            raise ValueError(f"control_weight must be a positive finite number, got {self.control_weight!r}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
             raise ValueError("weight_decay and grad_clip must be >= 0 and eps > 0")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):

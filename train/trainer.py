@@ -89,11 +89,12 @@ class SFTModule(nn.Module):
         super().__init__()
         self.model, self.ce_chunk = model, ce_chunk
 
-    def forward(self, tokens, positions, attn_mask, target_index, targets) -> torch.Tensor:
-        """Summed cross-entropy over the target positions (divide by the step's target count)."""
+    def forward(self, tokens, positions, attn_mask, target_index, targets, target_weight=None) -> torch.Tensor:
+        """Summed (weighted) cross-entropy over the target positions (divide by the step's target count)."""
         h = self.model(tokens, positions, attn_mask=attn_mask, return_hidden=True)
         h = h.reshape(-1, h.shape[-1]).index_select(0, target_index)
-        return chunked_cross_entropy(h, self.model.lm_head.weight, targets, chunk=self.ce_chunk)
+        return chunked_cross_entropy(h, self.model.lm_head.weight, targets, chunk=self.ce_chunk,
+                                     token_weight=target_weight)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
@@ -334,7 +335,8 @@ class Trainer:
         bs = self.cfg.batch_size
         groups = [srt[i:i + bs] for i in range(0, len(srt), bs)]
         mine = groups[self.dist.rank::self.dist.world]
-        return [collate(g, packed=self.cfg.packing, pad_multiple=self.cfg.pad_multiple) for g in mine]
+        return [collate(g, packed=self.cfg.packing, pad_multiple=self.cfg.pad_multiple,
+                        control_weight=self.cfg.control_weight) for g in mine]
 
     def train_step(self, rows) -> tuple[torch.Tensor, float, int, int]:
         """Forward/backward over the step's rows, clip, AdamW update.
@@ -359,7 +361,7 @@ class Trainer:
 
         Returns (summed loss of this rank's micro-batches, global target tokens, global tokens).
         """
-        n_targets = count_targets(rows)
+        n_targets = count_targets(rows, self.cfg.control_weight)
         n_tokens = sum(len(e.ids) for r in rows for e in r)
         batches = self.micro_batches(rows)
         # DDP averages gradients over ranks; scaling by world makes the result sum/n_targets overall.
@@ -370,7 +372,7 @@ class Trainer:
             b = b.to(self.device)
             with self._grad_sync(last=i == len(batches) - 1):
                 with self._autocast():
-                    loss = runner(b.tokens, b.positions, b.attn_mask, b.target_index, b.targets)
+                    loss = runner(b.tokens, b.positions, b.attn_mask, b.target_index, b.targets, b.target_weight)
                 (loss * scale).backward()
             loss_sum += loss.detach()
         return loss_sum, n_targets, n_tokens
