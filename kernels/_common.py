@@ -11,6 +11,22 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def interpreter_incompatibility() -> str | None:
+    """Why this Triton's interpreter cannot run rtkern's kernels here, or None.
+
+    Triton < 3.7's interpreter turns a loop bound into a Python int with ``int(array)`` on a 1-element
+    array, which NumPy >= 2.4 rejects: every kernel with a runtime loop bound fails. (Compiled GPU
+    kernels are unaffected.) All kernel tests pass on Triton 3.6 with NumPy 2.3.
+    """
+    import numpy as np
+    tv = tuple(int(x) for x in triton.__version__.split(".")[:2])
+    nv = tuple(int(x) for x in np.__version__.split(".")[:2])
+    if tv < (3, 7) and nv >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter cannot run kernels with runtime loop bounds under "
+                f"NumPy {np.__version__}: install numpy<2.4 or triton>=3.7")
+    return None
+
+
 def triton_runs_on(device: torch.device) -> bool:
     """Whether rtkern's Triton kernels can run on ``device``: CUDA, or anywhere through the interpreter."""
     return device.type == "cuda" or interpreter_enabled()

@@ -23,4 +23,7 @@ def device():
 
 
 def pytest_configure(config):
+    from rtkern.kernels._common import interpreter_enabled, interpreter_incompatibility
+    if interpreter_enabled() and interpreter_incompatibility():
+        pytest.exit(interpreter_incompatibility(), returncode=4)
     config.addinivalue_line("markers", "slow: takes more than ~20 s on a 2-core CPU (still runs by default)")

@@ -236,3 +236,17 @@ def test_engine_rejects_bad_kernel_choices(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="TRITON_INTERPRET"):
             Engine(model, None, spec, kernels="triton")
+
+
+def test_interpreter_incompatibility_names_the_versions(monkeypatch):
+    import numpy as np
+    import triton
+    from rtkern.kernels._common import interpreter_incompatibility
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(np, "__version__", "2.4.1")
+    assert "numpy<2.4" in interpreter_incompatibility() and "3.6.0" in interpreter_incompatibility()
+    monkeypatch.setattr(np, "__version__", "2.3.5")
+    assert interpreter_incompatibility() is None
+    monkeypatch.setattr(triton, "__version__", "3.7.0+git1234")
+    monkeypatch.setattr(np, "__version__", "2.4.1")
+    assert interpreter_incompatibility() is None

@@ -35,8 +35,8 @@ def test_token_weights_match_weighted_reference(chunk):
     got = chunked_cross_entropy(h, w, y, chunk=chunk, token_weight=tw)
     gh, gw = torch.autograd.grad(got, (h, w))
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(gh, gh_ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh, gh_ref, rtol=1e-5, atol=5e-6)     # weights up to 4 scale the fp32 error
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=5e-6)
     # unit weights are the unweighted loss
     torch.testing.assert_close(chunked_cross_entropy(h, w, y, token_weight=torch.ones(len(y))),
                                chunked_cross_entropy(h, w, y))
