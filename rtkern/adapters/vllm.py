@@ -3,7 +3,9 @@
 Interface implemented
 ---------------------
 ``vllm.v1.sample.logits_processor.LogitsProcessor``, the batch-level logits-processor interface of
-vLLM's V1 model runner (documented in vLLM's "Custom Logits Processors" guide):
+vLLM's V1 model runner (documented in vLLM's "Custom Logits Processors" guide; tested against vLLM
+0.33.0's own loader, ``SamplingParams`` validation hook and ``BatchUpdateBuilder`` in
+``tests/test_adapters_vllm_real.py``, which runs wherever vLLM imports):
 
 - ``__init__(vllm_config, device, is_pin_memory)``: called once by the engine at start-up;
 - ``validate_params(cls, sampling_params)`` (classmethod): rejects bad per-request arguments at the
@@ -59,7 +61,7 @@ import torch
 
 from ..sampler import apply_refusal_
 from ..spec import CATEGORIES, MODES, RefusalControls, RefusalSpec, SampleOutput
-from ._common import PerCategory, category_index, per_category, per_row_modes, real_number
+from ._common import PerCategory, category_index, per_category, real_number
 
 try:  # vLLM's import can fail in more ways than ImportError (CUDA set-up, version skew)
     from vllm.v1.sample.logits_processor import LogitsProcessor as _VLLMBase
@@ -126,7 +128,8 @@ def request_controls(spec: RefusalSpec, extra_args: Optional[Mapping[str, Any]],
     m = args.get("refusal_mode", mode)
     if not isinstance(m, str):
         raise TypeError(f"refusal_mode must be a string, got {m!r}")
-    per_row_modes(m)
+    if m not in MODES:
+        raise ValueError(f"refusal_mode must be one of {list(MODES)}, got {m!r}")
     # Value checks (NaN, negative thresholds, non-finite bias) exactly as the sampler's own controls.
     RefusalControls.build(1, C, "cpu", thresholds=torch.tensor(thr), logit_bias=torch.tensor(bias), mode=m)
     return thr, bias, MODES[m]
