@@ -59,9 +59,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..sampler import apply_refusal_
-from ..spec import CATEGORIES, MODES, RefusalControls, RefusalSpec, SampleOutput
-from ._common import PerCategory, category_index, per_category, real_number
+from ..spec import CATEGORIES, MODES, RefusalSpec, SampleOutput
+from ._common import PerCategory
+from ._requests import EXTRA_ARGS, refuse_rows, request_controls
 
 try:  # vLLM's import can fail in more ways than ImportError (CUDA set-up, version skew)
     from vllm.v1.sample.logits_processor import LogitsProcessor as _VLLMBase
@@ -77,10 +77,6 @@ __all__ = ["RefusalLogitsProcessor", "RefusalBatchState", "make_logits_processor
 
 log = logging.getLogger(__name__)
 
-EXTRA_ARGS = ("refusal_thresholds", "refusal_mode", "refusal_logit_bias")
-"""``SamplingParams.extra_args`` keys this processor reads."""
-
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Category names that a spec found in a tokenizer can have (both schemes), for entrypoint validation.
 _DISCOVERABLE_NAMES = frozenset(CATEGORIES) | {"refuse"}
 
@@ -91,70 +87,6 @@ class _Request:
     logit_bias: list[float]       # [C]
     mode: int                     # MODES code
     output_ids: Sequence[int]     # vLLM's live list of generated tokens
-
-
-def request_controls(spec: RefusalSpec, extra_args: Optional[Mapping[str, Any]], *,
-                     thresholds: PerCategory = 0.5, mode: str = "category",
-                     logit_bias: PerCategory = 0.0) -> tuple[list[float], list[float], int]:
-    """Resolve one request's controls from its ``extra_args`` over the processor's defaults.
-
-    Parameters
-    ----------
-    spec : RefusalSpec
-        C categories and their names.
-    extra_args : mapping or None
-        ``SamplingParams.extra_args``; keys in `EXTRA_ARGS` are read, other keys ignored.
-    thresholds, mode, logit_bias
-        The processor's defaults (same forms as the request values).
-
-    Returns
-    -------
-    (thresholds, logit_bias, mode)
-        Two lists of C floats and a mode code (0 category, 1 sum, 2 free).
-
-    Raises
-    ------
-    ValueError, TypeError
-        On unknown categories, a wrong number of values, NaN or negative thresholds, unknown modes.
-    """
-    if extra_args is not None and not isinstance(extra_args, Mapping):
-        raise TypeError(f"extra_args must be a mapping, got {type(extra_args).__name__}")
-    args = dict(extra_args or {})
-    C = spec.num_categories
-    base_thr = _row(per_category("thresholds", thresholds, spec, 0.5), C, "thresholds")
-    base_bias = _row(per_category("logit_bias", logit_bias, spec, 0.0), C, "logit_bias")
-    thr = _overlay("refusal_thresholds", args.get("refusal_thresholds"), spec, base_thr)
-    bias = _overlay("refusal_logit_bias", args.get("refusal_logit_bias"), spec, base_bias)
-    m = args.get("refusal_mode", mode)
-    if not isinstance(m, str):
-        raise TypeError(f"refusal_mode must be a string, got {m!r}")
-    if m not in MODES:
-        raise ValueError(f"refusal_mode must be one of {list(MODES)}, got {m!r}")
-    # Value checks (NaN, negative thresholds, non-finite bias) exactly as the sampler's own controls.
-    RefusalControls.build(1, C, "cpu", thresholds=torch.tensor(thr), logit_bias=torch.tensor(bias), mode=m)
-    return thr, bias, MODES[m]
-
-
-def _row(value, C: int, name: str) -> list[float]:
-    if isinstance(value, float):
-        return [value] * C
-    if value.dim() == 2 and value.shape[0] == 1:
-        value = value[0]
-    if value.shape != (C,):
-        raise ValueError(f"{name} must be a number, {C} numbers or a mapping by category, got shape "
-                         f"{list(value.shape)}")
-    return [float(v) for v in value.tolist()]
-
-
-def _overlay(name: str, value, spec: RefusalSpec, base: list[float]) -> list[float]:
-    if value is None:
-        return list(base)
-    if isinstance(value, Mapping):
-        out = list(base)
-        for key, v in value.items():
-            out[category_index(name, key, spec)] = real_number(name, v)
-        return out
-    return _row(per_category(name, value, spec, 0.0), spec.num_categories, name)
 
 
 class RefusalBatchState:
@@ -270,40 +202,17 @@ class RefusalBatchState:
         first = sorted(i for i in self._waiting if i < R and len(self.requests[i].output_ids) == 0)
         # Once a row has an output token it never returns to its first position (until re-added).
         self._waiting = {i for i in self._waiting if len(self.requests[i].output_ids) == 0}
+        controls = [(r.thresholds, r.logit_bias, r.mode) for r in (self.requests[i] for i in first)]
         ids = self._ids if self._ids.device == logits.device else self._ids.to(logits.device)
-        if not first:
-            self.last_rows, self.last_output = None, None
-            return logits.index_fill_(1, ids, float("-inf"))
-        rows = self._host([first], torch.int64, logits.device)[0]
-        sub = logits.index_select(0, rows)  # unmasked copy: the decision needs the full distribution
-        logits.index_fill_(1, ids, float("-inf"))
-        if sub.dtype not in _KERNEL_DTYPES:
-            sub = sub.float()
-        res = apply_refusal_(sub, self.spec, self._controls(first, logits.device), backend=self.backend)
-        logits.index_copy_(0, rows, sub.to(logits.dtype))
-        self.last_rows, self.last_output = rows, res
+        self.last_rows, self.last_output = refuse_rows(logits, self.spec, first, controls, backend=self.backend,
+                                                       control_ids=ids, to_device=self._to_device)
         return logits
 
-    def _controls(self, rows: list[int], device) -> RefusalControls:
-        reqs = [self.requests[i] for i in rows]
-        F = len(rows)
-        thr, bias = self._host([[r.thresholds for r in reqs], [r.logit_bias for r in reqs]], torch.float32, device)
-        mode = self._host([[r.mode for r in reqs]], torch.int32, device)[0]
-        zeros = torch.zeros(F, dtype=torch.int64, device=device)
-        return RefusalControls(thresholds=thr, logit_bias=bias, mode=mode,
-                               temperature=torch.ones(F, device=device),
-                               first_step=torch.ones(F, dtype=torch.bool, device=device),
-                               seed=zeros, position=zeros.clone())
-
-    def _host(self, values: list, dtype: torch.dtype, device) -> list[torch.Tensor]:
-        out = []
-        for v in values:
-            t = torch.tensor(v, dtype=dtype)
-            if self.pin_memory and torch.device(device).type == "cuda":
-                out.append(t.pin_memory().to(device, non_blocking=True))
-            else:
-                out.append(t.to(device))
-        return out
+    def _to_device(self, values: list, dtype: torch.dtype, device) -> torch.Tensor:
+        t = torch.tensor(values, dtype=dtype)
+        if self.pin_memory and torch.device(device).type == "cuda":
+            return t.pin_memory().to(device, non_blocking=True)
+        return t.to(device)
 
 
 def _unpack_added(item) -> tuple[int, Any, Sequence[int]]:

@@ -1,0 +1,138 @@
+"""Per-request refusal controls for runtimes that batch requests themselves (vLLM, SGLang).
+
+A request carries its own ``refusal_*`` arguments (vLLM: ``SamplingParams.extra_args``; SGLang:
+``custom_params``) over the processor's defaults; `refuse_rows` then takes the decision on the rows at
+their first generated position and masks the control tokens on every other row.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from ..sampler import apply_refusal_
+from ..spec import MODES, RefusalControls, RefusalSpec, SampleOutput
+from ._common import PerCategory, category_index, per_category, real_number
+
+EXTRA_ARGS = ("refusal_thresholds", "refusal_mode", "refusal_logit_bias")
+"""Per-request argument names the adapters read."""
+
+RowControls = tuple[list[float], list[float], int]      # thresholds [C], logit_bias [C], MODES code
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def request_controls(spec: RefusalSpec, extra_args: Optional[Mapping[str, Any]], *,
+                     thresholds: PerCategory = 0.5, mode: str = "category",
+                     logit_bias: PerCategory = 0.0) -> RowControls:
+    """Resolve one request's controls from its ``extra_args`` over the processor's defaults.
+
+    Parameters
+    ----------
+    spec : RefusalSpec
+        C categories and their names.
+    extra_args : mapping or None
+        The request's arguments (vLLM ``extra_args``, SGLang ``custom_params``); keys in `EXTRA_ARGS`
+        are read, other keys ignored.
+    thresholds, mode, logit_bias
+        The processor's defaults (same forms as the request values).
+
+    Returns
+    -------
+    (thresholds, logit_bias, mode)
+        Two lists of C floats and a mode code (0 category, 1 sum, 2 free).
+
+    Raises
+    ------
+    ValueError, TypeError
+        On unknown categories, a wrong number of values, NaN or negative thresholds, unknown modes.
+    """
+    if extra_args is not None and not isinstance(extra_args, Mapping):
+        raise TypeError(f"extra_args must be a mapping, got {type(extra_args).__name__}")
+    args = dict(extra_args or {})
+    C = spec.num_categories
+    base_thr = _row(per_category("thresholds", thresholds, spec, 0.5), C, "thresholds")
+    base_bias = _row(per_category("logit_bias", logit_bias, spec, 0.0), C, "logit_bias")
+    thr = _overlay("refusal_thresholds", args.get("refusal_thresholds"), spec, base_thr)
+    bias = _overlay("refusal_logit_bias", args.get("refusal_logit_bias"), spec, base_bias)
+    m = args.get("refusal_mode", mode)
+    if not isinstance(m, str):
+        raise TypeError(f"refusal_mode must be a string, got {m!r}")
+    if m not in MODES:
+        raise ValueError(f"refusal_mode must be one of {list(MODES)}, got {m!r}")
+    # Value checks (NaN, negative thresholds, non-finite bias) exactly as the sampler's own controls.
+    RefusalControls.build(1, C, "cpu", thresholds=torch.tensor(thr), logit_bias=torch.tensor(bias), mode=m)
+    return thr, bias, MODES[m]
+
+
+def _row(value, C: int, name: str) -> list[float]:
+    if isinstance(value, float):
+        return [value] * C
+    if value.dim() == 2 and value.shape[0] == 1:
+        value = value[0]
+    if value.shape != (C,):
+        raise ValueError(f"{name} must be a number, {C} numbers or a mapping by category, got shape "
+                         f"{list(value.shape)}")
+    return [float(v) for v in value.tolist()]
+
+
+def _overlay(name: str, value, spec: RefusalSpec, base: list[float]) -> list[float]:
+    if value is None:
+        return list(base)
+    if isinstance(value, Mapping):
+        out = list(base)
+        for key, v in value.items():
+            out[category_index(name, key, spec)] = real_number(name, v)
+        return out
+    return _row(per_category(name, value, spec, 0.0), spec.num_categories, name)
+
+
+def refuse_rows(logits: torch.Tensor, spec: RefusalSpec, rows: Sequence[int], controls: Sequence[RowControls],
+                *, backend: Optional[str] = None, control_ids: Optional[torch.Tensor] = None,
+                to_device: Optional[Callable[[list, torch.dtype, Any], torch.Tensor]] = None
+                ) -> tuple[Optional[torch.Tensor], Optional[SampleOutput]]:
+    """Refusal decision on ``rows`` (first generated positions), control tokens masked on all others.
+
+    Parameters
+    ----------
+    logits : float [R, V]
+        Modified in place.
+    spec : RefusalSpec
+    rows : sequence of int
+        Distinct row indices at their first generated position, ascending.
+    controls : sequence of (thresholds, logit_bias, mode)
+        One `request_controls` result per entry of ``rows``.
+    backend : {"triton", "torch", None}
+        Passed to `apply_refusal_`.
+    control_ids : LongTensor [C + 1], optional
+        ``spec.control_ids`` already on the logits' device (saves a copy per call).
+    to_device : callable, optional
+        ``(nested list, dtype, device) -> tensor`` for the per-row controls (e.g. through pinned memory).
+
+    Returns
+    -------
+    (index, result)
+        ``rows`` as an int64 tensor on the logits' device and `apply_refusal_`'s result for them;
+        (None, None) when ``rows`` is empty.
+    """
+    put = to_device or (lambda v, dtype, device: torch.tensor(v, dtype=dtype).to(device))
+    ids = control_ids if control_ids is not None else torch.tensor(spec.control_ids).to(logits.device)
+    if not rows:
+        logits.index_fill_(1, ids, float("-inf"))
+        return None, None
+    index = put(list(rows), torch.int64, logits.device)
+    sub = logits.index_select(0, index)  # unmasked copy: the decision needs the full distribution
+    logits.index_fill_(1, ids, float("-inf"))
+    if sub.dtype not in _KERNEL_DTYPES:
+        sub = sub.float()
+    F = len(rows)
+    zeros = torch.zeros(F, dtype=torch.int64, device=logits.device)
+    ctl = RefusalControls(thresholds=put([c[0] for c in controls], torch.float32, logits.device),
+                          logit_bias=put([c[1] for c in controls], torch.float32, logits.device),
+                          mode=put([c[2] for c in controls], torch.int32, logits.device),
+                          temperature=torch.ones(F, device=logits.device),
+                          first_step=torch.ones(F, dtype=torch.bool, device=logits.device),
+                          seed=zeros, position=zeros.clone())
+    res = apply_refusal_(sub, spec, ctl, backend=backend)
+    logits.index_copy_(0, index, sub.to(logits.dtype))
+    return index, res
