@@ -7,6 +7,7 @@ argument and the spec's categories.
 """
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping, Sequence
 from numbers import Real
 from typing import Union
@@ -97,3 +98,16 @@ def per_row_modes(mode) -> Union[str, list[str]]:
             raise ValueError(f"mode must be one of {list(MODES)} (per row), got {bad[0]!r}")
         return list(mode)
     raise TypeError(f"mode must be a string or a non-empty sequence of strings, got {mode!r}")
+
+
+def optional_base(module: str, name: str) -> tuple[type, BaseException | None]:
+    """``(module.name, None)`` from an optional runtime, or ``(object, the error)`` where it does not import.
+
+    A runtime's import can fail in more ways than ImportError (CUDA set-up, version skew); the error is
+    kept so that using the adapter can re-raise it with context.
+    """
+    try:
+        return getattr(importlib.import_module(module), name), None
+    except Exception as e:  # noqa: BLE001
+        return object, e
+

@@ -44,17 +44,12 @@ from typing import Any, Optional
 import torch
 
 from ..spec import RefusalSpec
-from ._common import PerCategory
+from ._common import PerCategory, optional_base
 from ._requests import EXTRA_ARGS, refuse_rows, request_controls
 
-try:  # SGLang's import can fail in more ways than ImportError (CUDA set-up, version skew)
-    from sglang.srt.sampling.custom_logit_processor import CustomLogitProcessor as _SGLangBase
-    HAVE_SGLANG = True
-    _SGLANG_IMPORT_ERROR: Optional[BaseException] = None
-except Exception as e:  # noqa: BLE001 - recorded and re-raised, with context, on use
-    _SGLangBase = object
-    HAVE_SGLANG = False
-    _SGLANG_IMPORT_ERROR = e
+_SGLangBase, _SGLANG_IMPORT_ERROR = optional_base("sglang.srt.sampling.custom_logit_processor",
+                                                 "CustomLogitProcessor")
+HAVE_SGLANG = _SGLANG_IMPORT_ERROR is None
 
 __all__ = ["RefusalLogitProcessor", "make_logit_processor", "validate_custom_params", "HAVE_SGLANG"]
 

@@ -60,17 +60,11 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..spec import CATEGORIES, MODES, RefusalSpec, SampleOutput
-from ._common import PerCategory
+from ._common import PerCategory, optional_base
 from ._requests import EXTRA_ARGS, refuse_rows, request_controls
 
-try:  # vLLM's import can fail in more ways than ImportError (CUDA set-up, version skew)
-    from vllm.v1.sample.logits_processor import LogitsProcessor as _VLLMBase
-    HAVE_VLLM = True
-    _VLLM_IMPORT_ERROR: Optional[BaseException] = None
-except Exception as e:  # noqa: BLE001 - recorded and re-raised, with context, on construction
-    _VLLMBase = object
-    HAVE_VLLM = False
-    _VLLM_IMPORT_ERROR = e
+_VLLMBase, _VLLM_IMPORT_ERROR = optional_base("vllm.v1.sample.logits_processor", "LogitsProcessor")
+HAVE_VLLM = _VLLM_IMPORT_ERROR is None
 
 __all__ = ["RefusalLogitsProcessor", "RefusalBatchState", "make_logits_processor", "request_controls",
            "HAVE_VLLM", "EXTRA_ARGS"]
