@@ -87,6 +87,13 @@ def _overlay(name: str, value, spec: RefusalSpec, base: list[float]) -> list[flo
     return _row(per_category(name, value, spec, 0.0), spec.num_categories, name)
 
 
+def check_logits(logits) -> None:
+    """TypeError unless ``logits`` is a floating ``[R, V]`` tensor."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating [R, V] tensor, got "
+                        f"{getattr(logits, 'dtype', type(logits).__name__)} {list(getattr(logits, 'shape', []))}")
+
+
 def refuse_rows(logits: torch.Tensor, spec: RefusalSpec, rows: Sequence[int], controls: Sequence[RowControls],
                 *, backend: Optional[str] = None, control_ids: Optional[torch.Tensor] = None,
                 to_device: Optional[Callable[[list, torch.dtype, Any], torch.Tensor]] = None
@@ -96,7 +103,7 @@ def refuse_rows(logits: torch.Tensor, spec: RefusalSpec, rows: Sequence[int], co
     Parameters
     ----------
     logits : float [R, V]
-        Modified in place.
+        Modified in place (checked by the caller with `check_logits`).
     spec : RefusalSpec
     rows : sequence of int
         Distinct row indices at their first generated position, ascending.

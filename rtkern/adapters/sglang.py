@@ -45,7 +45,7 @@ import torch
 
 from ..spec import RefusalSpec
 from ._common import PerCategory, optional_base
-from ._requests import EXTRA_ARGS, refuse_rows, request_controls
+from ._requests import EXTRA_ARGS, check_logits, refuse_rows, request_controls
 
 _SGLangBase, _SGLANG_IMPORT_ERROR = optional_base("sglang.srt.sampling.custom_logit_processor",
                                                  "CustomLogitProcessor")
@@ -85,9 +85,7 @@ class RefusalLogitProcessor(_SGLangBase):
         if spec is None:
             raise ValueError("RefusalLogitProcessor has no spec: build it with "
                              "rtkern.adapters.sglang.make_logit_processor(spec)")
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
-            raise TypeError(f"logits must be a floating [R, V] tensor, got "
-                            f"{getattr(logits, 'dtype', type(logits).__name__)} {list(getattr(logits, 'shape', []))}")
+        check_logits(logits)
         params = list(custom_param_list) if custom_param_list is not None else [None] * logits.shape[0]
         if len(params) != logits.shape[0]:
             raise ValueError(f"custom_param_list has {len(params)} entries for {logits.shape[0]} logits rows")

@@ -61,7 +61,7 @@ import torch
 
 from ..spec import CATEGORIES, MODES, RefusalSpec, SampleOutput
 from ._common import PerCategory, optional_base
-from ._requests import EXTRA_ARGS, refuse_rows, request_controls
+from ._requests import EXTRA_ARGS, check_logits, refuse_rows, request_controls
 
 _VLLMBase, _VLLM_IMPORT_ERROR = optional_base("vllm.v1.sample.logits_processor", "LogitsProcessor")
 HAVE_VLLM = _VLLM_IMPORT_ERROR is None
@@ -189,9 +189,7 @@ class RefusalBatchState:
         logits : float [R, V]
             One row per persistent-batch row; modified in place and returned.
         """
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
-            raise TypeError(f"logits must be a floating [R, V] tensor, got "
-                            f"{getattr(logits, 'dtype', type(logits).__name__)} {list(getattr(logits, 'shape', []))}")
+        check_logits(logits)
         R = logits.shape[0]
         first = sorted(i for i in self._waiting if i < R and len(self.requests[i].output_ids) == 0)
         # Once a row has an output token it never returns to its first position (until re-added).
