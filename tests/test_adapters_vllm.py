@@ -186,3 +186,7 @@ def test_state_rejects_bad_defaults():
         rv.RefusalBatchState(SPEC, mode=["category"])
     with pytest.raises(ValueError, match="backend"):
         rv.RefusalBatchState(SPEC, backend="cuda")
+    st = rv.RefusalBatchState(SPEC)
+    for bad in (torch.zeros(2, V, dtype=torch.int64), torch.zeros(V), [[0.0] * V]):
+        with pytest.raises(TypeError, match="floating"):
+            st.apply(bad)
