@@ -6,6 +6,7 @@ their first generated position and masks the control tokens on every other row.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Sequence
 
@@ -65,6 +66,19 @@ def request_controls(spec: RefusalSpec, extra_args: Optional[Mapping[str, Any]],
     return thr, bias, MODES[m]
 
 
+def reject_unknown_args(args: Mapping) -> None:
+    """ValueError for a ``refusal_*`` key that is not one of `EXTRA_ARGS` (a likely typo)."""
+    unknown = [k for k in args if isinstance(k, str) and k.startswith("refusal_") and k not in EXTRA_ARGS]
+    if unknown:
+        raise ValueError(f"unknown refusal argument {unknown[0]!r}; known: {list(EXTRA_ARGS)}")
+
+
+@functools.lru_cache(maxsize=None)
+def control_ids_on(spec: RefusalSpec, device: torch.device) -> torch.Tensor:
+    """``spec.control_ids`` as an int64 tensor on ``device``, made once (it sits on every decode step)."""
+    return torch.tensor(spec.control_ids, dtype=torch.int64, device=device)
+
+
 def _row(value, C: int, name: str) -> list[float]:
     if isinstance(value, float):
         return [value] * C
@@ -95,7 +109,7 @@ def check_logits(logits) -> None:
 
 
 def refuse_rows(logits: torch.Tensor, spec: RefusalSpec, rows: Sequence[int], controls: Sequence[RowControls],
-                *, backend: Optional[str] = None, control_ids: Optional[torch.Tensor] = None,
+                *, backend: Optional[str] = None,
                 to_device: Optional[Callable[[list, torch.dtype, Any], torch.Tensor]] = None
                 ) -> tuple[Optional[torch.Tensor], Optional[SampleOutput]]:
     """Refusal decision on ``rows`` (first generated positions), control tokens masked on all others.
@@ -111,8 +125,6 @@ def refuse_rows(logits: torch.Tensor, spec: RefusalSpec, rows: Sequence[int], co
         One `request_controls` result per entry of ``rows``.
     backend : {"triton", "torch", None}
         Passed to `apply_refusal_`.
-    control_ids : LongTensor [C + 1], optional
-        ``spec.control_ids`` already on the logits' device (saves a copy per call).
     to_device : callable, optional
         ``(nested list, dtype, device) -> tensor`` for the per-row controls (e.g. through pinned memory).
 
@@ -123,7 +135,7 @@ def refuse_rows(logits: torch.Tensor, spec: RefusalSpec, rows: Sequence[int], co
         (None, None) when ``rows`` is empty.
     """
     put = to_device or (lambda v, dtype, device: torch.tensor(v, dtype=dtype).to(device))
-    ids = control_ids if control_ids is not None else torch.tensor(spec.control_ids).to(logits.device)
+    ids = control_ids_on(spec, logits.device)
     if not rows:
         logits.index_fill_(1, ids, float("-inf"))
         return None, None

@@ -45,7 +45,7 @@ import torch
 
 from ..spec import RefusalSpec
 from ._common import PerCategory, optional_base
-from ._requests import EXTRA_ARGS, check_logits, refuse_rows, request_controls
+from ._requests import EXTRA_ARGS, check_logits, refuse_rows, reject_unknown_args, request_controls
 
 _SGLangBase, _SGLANG_IMPORT_ERROR = optional_base("sglang.srt.sampling.custom_logit_processor",
                                                  "CustomLogitProcessor")
@@ -132,9 +132,7 @@ def validate_custom_params(processor: type, custom_params: Optional[Mapping[str,
     """
     if custom_params is None:
         return
-    unknown = [k for k in custom_params if isinstance(k, str) and k.startswith("refusal_") and k not in EXTRA_ARGS]
-    if unknown:
-        raise ValueError(f"unknown refusal argument {unknown[0]!r}; known: {list(EXTRA_ARGS)}")
+    reject_unknown_args(custom_params)
     request_controls(processor.spec, custom_params, thresholds=processor.thresholds, mode=processor.mode,
                      logit_bias=processor.logit_bias)
 

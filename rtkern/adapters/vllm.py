@@ -61,7 +61,7 @@ import torch
 
 from ..spec import CATEGORIES, MODES, RefusalSpec, SampleOutput
 from ._common import PerCategory, optional_base
-from ._requests import EXTRA_ARGS, check_logits, refuse_rows, request_controls
+from ._requests import EXTRA_ARGS, check_logits, refuse_rows, reject_unknown_args, request_controls
 
 _VLLMBase, _VLLM_IMPORT_ERROR = optional_base("vllm.v1.sample.logits_processor", "LogitsProcessor")
 HAVE_VLLM = _VLLM_IMPORT_ERROR is None
@@ -127,7 +127,6 @@ class RefusalBatchState:
         self.backend = backend
         self.requests: dict[int, _Request] = {}
         self._waiting: set[int] = set()   # rows that may still be at their first position
-        self._ids = torch.tensor(spec.control_ids, dtype=torch.long, device=self.device)
         self.last_rows: Optional[torch.Tensor] = None
         self.last_output: Optional[SampleOutput] = None
 
@@ -195,9 +194,8 @@ class RefusalBatchState:
         # Once a row has an output token it never returns to its first position (until re-added).
         self._waiting = {i for i in self._waiting if len(self.requests[i].output_ids) == 0}
         controls = [(r.thresholds, r.logit_bias, r.mode) for r in (self.requests[i] for i in first)]
-        ids = self._ids if self._ids.device == logits.device else self._ids.to(logits.device)
         self.last_rows, self.last_output = refuse_rows(logits, self.spec, first, controls, backend=self.backend,
-                                                       control_ids=ids, to_device=self._to_device)
+                                                       to_device=self._to_device)
         return logits
 
     def _to_device(self, values: list, dtype: torch.dtype, device) -> torch.Tensor:
@@ -271,9 +269,7 @@ class RefusalLogitsProcessor(_VLLMBase):
             return
         if not isinstance(extra, Mapping):
             raise ValueError(f"extra_args must be a mapping, got {type(extra).__name__}")
-        unknown = [k for k in extra if isinstance(k, str) and k.startswith("refusal_") and k not in EXTRA_ARGS]
-        if unknown:
-            raise ValueError(f"unknown refusal argument {unknown[0]!r}; known: {list(EXTRA_ARGS)}")
+        reject_unknown_args(extra)
         try:
             if cls.spec is not None:
                 request_controls(cls.spec, extra, thresholds=cls.thresholds, mode=cls.mode,
