@@ -179,7 +179,8 @@ def collate(rows: list[list[Example]], *, pad_id: int = 0, packed: bool | None =
     tokens = torch.full((B, T), pad_id, dtype=torch.int64)
     seg = torch.full((B, T), -1, dtype=torch.int64)
     pos = torch.zeros((B, T), dtype=torch.int64)
-    t_index, targets = [], []
+    t_index, targets, control_at = [], [], []   # control_at: each example's first target in `targets`
+    n_targets = 0
     for b, row in enumerate(rows):
         o = 0
         for s, e in enumerate(row):
@@ -190,6 +191,8 @@ def collate(rows: list[list[Example]], *, pad_id: int = 0, packed: bool | None =
             # position t predicts ids[t + 1]; targets are ids[n_prompt:]
             t_index.append(torch.arange(b * T + o + e.n_prompt - 1, b * T + o + n - 1))
             targets.append(torch.tensor(e.ids[e.n_prompt:], dtype=torch.int64))
+            control_at.append(n_targets)
+            n_targets += n - e.n_prompt
             o += n
     positions = attn_mask = None
     if packed:
@@ -201,6 +204,5 @@ def collate(rows: list[list[Example]], *, pad_id: int = 0, packed: bool | None =
     weight = None
     if control_weight != 1.0:
         weight = torch.ones(len(targets), dtype=torch.float32)
-        first = torch.tensor([0] + [len(e.ids) - e.n_prompt for r in rows for e in r][:-1]).cumsum(0)
-        weight[first] = control_weight
+        weight[control_at] = control_weight
     return Batch(tokens, positions, attn_mask, torch.cat(t_index), targets, sum(lengths), weight)
