@@ -13,8 +13,8 @@ method              what runs
                     with the fused Triton sampler inside; on CPU eager with the PyTorch reference sampler
 ``rtkern-compile``  the same decode step through ``torch.compile`` before capture (CUDA only)
 ``rtkern-triton``   the engine with ``kernels="triton"``: the step on rtkern.fused_decode's Triton kernels
-                    (fused add+RMSNorm, q/k/v and gate/up GEMMs, RoPE + cache write, split decode
-                    attention, SwiGLU) inside the same CUDA graph (CUDA only)
+                    (GEMMs with RMSNorm, SwiGLU and residual add fused in, RoPE + cache write, split
+                    decode attention; 7 launches per layer) inside the same CUDA graph (CUDA only)
 ``gpt-fast``        our model, decode step ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) with
                     plain PyTorch sampling (control tokens masked, exponential-race multinomial) (CUDA only)
 ``hf-dynamic``      transformers ``generate`` (eager, DynamicCache) + `RefusalLogitsProcessor`

@@ -1,7 +1,8 @@
 """The decoder's Triton kernels against the torch ops they replace, one decode step's shapes at a time.
 
-For each op (``add_rmsnorm``, ``rope_cache``, ``decode_attention``, ``swiglu``) and model shape
-(SmolLM2-135M, Llama-3-8B) at batch B, three implementations are timed:
+For each op and model shape (SmolLM2-135M, Llama-3-8B) at batch B, these implementations are timed.
+Ops: the fused decode step's (``norm_qkv``, ``rope_cache``, ``decode_attention``, ``o_residual``,
+``norm_gate_up_swiglu``, ``down_residual``, ``lm_head``) and the standalone ``add_rmsnorm`` and ``swiglu``.
 
 ===============  ======================================================================================
 impl             what runs
@@ -9,6 +10,8 @@ impl             what runs
 ``torch``        the ops ``rtkern.model.Transformer.forward`` runs for the same step (the reference path)
 ``torch-compile`` ``torch.compile`` of that (default mode)
 ``triton``       rtkern's kernel (``rtkern.kernels.*``) through its Python launcher
+``cublas``       the GEMM ops only: the bare ``F.linear`` without the fused norm or epilogue — how close
+                 the Triton GEMV comes to cuBLAS on the weight read that dominates the op
 ===============  ======================================================================================
 
 Columns: ``us`` = ``triton.testing.do_bench`` median (one call, L2 flushed); ``graph_us`` = per call
@@ -31,6 +34,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from rtkern.kernels.decode_attention import decode_attention
+from rtkern.kernels.fused_linear import fused_linear, fused_linear_reference
 from rtkern.kernels.rmsnorm import add_rmsnorm, add_rmsnorm_reference
 from rtkern.kernels.rope_cache import rope_cache_update, rope_table
 from rtkern.kernels.swiglu import swiglu, swiglu_reference
@@ -39,8 +43,9 @@ from rtkern.model import ModelArgs, _decode_attention, apply_rope, rope_inv_freq
 from .sampler import DTYPES, H100_BANDWIDTH, _capture, environment, time_call
 
 DEFAULT_OUT = Path("results") / "bench-kernels"
-OPS = ("add_rmsnorm", "rope_cache", "decode_attention", "swiglu")
-IMPLS = ("torch", "torch-compile", "triton")
+GEMM_OPS = ("norm_qkv", "o_residual", "norm_gate_up_swiglu", "down_residual", "lm_head")
+OPS = ("add_rmsnorm", "rope_cache", "decode_attention", "swiglu") + GEMM_OPS
+IMPLS = ("torch", "torch-compile", "triton", "cublas")
 CONTEXT = 384  # prompt 128 + 256 new tokens: the decode benchmark's longest context
 
 
@@ -76,11 +81,31 @@ def _torch_attention(q, k_cache, v_cache, pos):
     return _decode_attention(q[:, :, None], k_cache[:q.shape[0]], v_cache[:q.shape[0]], mask[:, None])
 
 
+def _gemm_op(op: str, args: ModelArgs, B: int, rnd) -> tuple[dict[str, Callable], int]:
+    """A fused_linear op of the decode step: (implementations, elements it must move)."""
+    D, H, n_kv, Dh, I = args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.intermediate_size
+    n_in, n_out, kw = {
+        "norm_qkv": (D, (H + 2 * n_kv) * Dh, dict(norm_weight=rnd(D))),
+        "o_residual": (H * Dh, D, dict(residual=rnd(B, D))),
+        "norm_gate_up_swiglu": (D, 2 * I, dict(norm_weight=rnd(D), swiglu=True)),
+        "down_residual": (I, D, dict(residual=rnd(B, D))),
+        "lm_head": (D, args.vocab_size, dict(norm_weight=rnd(D))),
+    }[op]
+    x, w = rnd(B, n_in), rnd(n_out, n_in) * n_in ** -0.5
+    fns = {"torch": lambda: fused_linear_reference(x, w, **kw), "triton": lambda: fused_linear(x, w, **kw),
+           "cublas": lambda: torch.nn.functional.linear(x, w)}
+    n_written = n_out // 2 if kw.get("swiglu") else n_out
+    return fns, n_in * n_out + B * n_in + B * n_written * (2 if "residual" in kw else 1) + n_in
+
+
 def make_op(op: str, args: ModelArgs, B: int, dtype, device) -> tuple[dict[str, Callable], int]:
     """The implementations of ``op`` as zero-argument callables on fresh inputs, and the bytes it must move."""
     elt = torch.finfo(dtype).bits // 8
     D, H, n_kv, Dh, I = args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.intermediate_size
     rnd = lambda *s: torch.randn(*s, device=device).to(dtype)  # noqa: E731
+    if op in GEMM_OPS:
+        fns, elements = _gemm_op(op, args, B, rnd)
+        return fns, elements * elt
     if op == "add_rmsnorm":
         x, r, w = rnd(B, D), rnd(B, D), rnd(D)
         ref = lambda: add_rmsnorm_reference(x, w, 1e-5, r)  # noqa: E731
@@ -117,7 +142,7 @@ def bench_op(op: str, name: str, B: int, dtype, device, impls: Sequence[str], ba
     if "torch-compile" in impls:
         fns["torch-compile"] = torch.compile(fns["torch"])
     rows = []
-    for impl in impls:
+    for impl in (i for i in impls if i in fns):
         row = Row(op, name, B, impl, floor_us=nbytes / bandwidth * 1e6)
         if impl == "triton" and device.type != "cuda":
             row.note = "skipped: Triton kernels are only timed on CUDA"

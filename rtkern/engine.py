@@ -97,8 +97,8 @@ class Engine:
     check_every : decode steps between host reads of the generated tokens (EOS / stop strings)
     sampler_backend : ``"triton"``, ``"torch"`` or None (the sampler's default for the device)
     kernels : decode step on ``"torch"`` ops (the model's reference forward) or on rtkern's ``"triton"``
-        kernels (rtkern.fused_decode: fused add+RMSNorm, RoPE + cache write, split decode attention,
-        SwiGLU; on CPU only through the Triton interpreter)
+        kernels (rtkern.fused_decode: GEMMs with RMSNorm, SwiGLU and the residual add fused in, RoPE +
+        cache write, split decode attention; on CPU only through the Triton interpreter)
     """
 
     def __init__(self, model, tokenizer, spec: Optional[RefusalSpec] = None, *, max_batch: int = 32,

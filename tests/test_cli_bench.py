@@ -32,12 +32,13 @@ def test_bench_sampler_cpu(tmp_path, capsys):
 
 def test_bench_kernels(tmp_path, capsys):
     from conftest import ON_GPU
-    rc = cli.main(["bench", "kernels", "--models", "smollm2-135m", "--batches", "1", "--impls", "torch,triton",
-                   "--no-progress", "--out", str(tmp_path)])
+    from rtkern.bench.kernels import GEMM_OPS, OPS
+    rc = cli.main(["bench", "kernels", "--models", "smollm2-135m", "--batches", "1", "--impls",
+                   "torch,triton,cublas", "--no-progress", "--out", str(tmp_path)])
     assert rc == 0
     rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
-    assert {(r["op"], r["impl"]) for r in rows} == {(o, i) for o in ("add_rmsnorm", "rope_cache", "decode_attention",
-                                                                     "swiglu") for i in ("torch", "triton")}
+    assert {(r["op"], r["impl"]) for r in rows} == {(o, i) for o in OPS for i in ("torch", "triton")} | \
+        {(o, "cublas") for o in GEMM_OPS}
     for r in rows:
         assert r["floor_us"] > 0
         if r["impl"] == "triton" and not ON_GPU:

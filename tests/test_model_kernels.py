@@ -9,6 +9,7 @@ import torch
 from rtkern import RefusalSpec, fused_decode
 from rtkern.engine import Engine, SamplingParams
 from rtkern.kernels.decode_attention import decode_attention, decode_attention_reference
+from rtkern.kernels.fused_linear import fused_linear, fused_linear_reference
 from rtkern.kernels.rmsnorm import add_rmsnorm, add_rmsnorm_reference
 from rtkern.kernels.rope_cache import rope_cache_update, rope_cache_update_reference, rope_table
 from rtkern.kernels.swiglu import swiglu, swiglu_reference
@@ -49,6 +50,53 @@ def test_add_rmsnorm_matches_torch(dtype, M, D, with_residual):
 def test_swiglu_matches_torch(dtype, M, I):
     gu = _randn(M, 2 * I, dtype=dtype, seed=M * I, scale=3.0)
     torch.testing.assert_close(swiglu(gu), swiglu_reference(gu), **TOL[dtype])
+
+
+FL_SHAPES = [(1, 111, 64), (2, 96, 97), (3, 49, 576), (8, 130, 40), (9, 111, 64), (17, 200, 130), (32, 33, 48)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K", FL_SHAPES + ([(1, 49158, 576), (8, 14336, 4096), (32, 6144, 4096)] if ON_GPU else []))
+@pytest.mark.parametrize("epilogue", ["none", "swiglu", "residual"])
+@pytest.mark.parametrize("norm", [False, True])
+def test_fused_linear_matches_torch(dtype, M, N, K, epilogue, norm):
+    seed = M * 1000 + N + K
+    x = _randn(M, K, dtype=dtype, seed=seed, scale=3.0 if norm else 1.0)
+    w = _randn(2 * N if epilogue == "swiglu" else N, K, dtype=dtype, seed=seed + 1, scale=K ** -0.5)
+    kw = dict(norm_weight=_randn(K, dtype=dtype, seed=seed + 2) if norm else None, eps=1e-5,
+              swiglu=epilogue == "swiglu")
+    res = _randn(M, N, dtype=dtype, seed=seed + 3, scale=2.0) if epilogue == "residual" else None
+    ref = fused_linear_reference(x, w, residual=res, **kw)
+    got = fused_linear(x, w, residual=None if res is None else res.clone(), **kw)
+    assert got.shape == ref.shape and got.dtype == dtype
+    torch.testing.assert_close(got, ref, **TOL[dtype])
+
+
+def test_fused_linear_adds_into_residual_in_place_and_reads_strided_rows():
+    x = _randn(4, 2 * 64, dtype=torch.float32, seed=1)[:, ::2]            # row stride 128, not contiguous
+    x = x.contiguous()[:, :48]                                           # contiguous last dim, row stride 64
+    w = _randn(40, 48, dtype=torch.float32, seed=2)
+    res = _randn(4, 40, dtype=torch.float32, seed=3)
+    want = fused_linear_reference(x, w, residual=res)
+    assert fused_linear(x, w, residual=res) is res
+    torch.testing.assert_close(res, want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("args,kw,err", [
+    ((torch.ones(2, 8), torch.ones(4, 7)), {}, ValueError),                               # K mismatch
+    ((torch.ones(2, 8), torch.ones(4, 8, dtype=torch.float16)), {}, TypeError),           # dtype mismatch
+    ((torch.ones(2, 8, dtype=torch.int32), torch.ones(4, 8, dtype=torch.int32)), {}, TypeError),
+    ((torch.ones(8), torch.ones(4, 8)), {}, ValueError),                                  # 1-D x
+    ((torch.ones(2, 8), torch.ones(5, 8)), dict(swiglu=True), ValueError),                # odd gate/up rows
+    ((torch.ones(2, 8), torch.ones(4, 8)), dict(norm_weight=torch.ones(7)), ValueError),
+    ((torch.ones(2, 8), torch.ones(4, 8)), dict(residual=torch.ones(2, 5)), ValueError),
+    ((torch.ones(2, 8), torch.ones(4, 8)), dict(residual=torch.ones(2, 2), swiglu=True), ValueError),
+    ((torch.ones(2, 8), torch.ones(8, 4).t()), {}, ValueError),                           # non-contiguous weight
+])
+def test_fused_linear_rejects_bad_input(args, kw, err):
+    with pytest.raises(err):
+        fused_linear(*(a.to(DEVICE) for a in args), **{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v
+                                                        for k, v in kw.items()})
 
 
 def _caches(B, n_kv, S, Dh, dtype, seed):
