@@ -1,7 +1,7 @@
 """The decoder's Triton kernels against the torch ops they replace, one decode step's shapes at a time.
 
 For each op and model shape (SmolLM2-135M, Llama-3-8B) at batch B, these implementations are timed.
-Ops: the fused decode step's (``norm_qkv``, ``rope_cache``, ``decode_attention``, ``o_residual``,
+Ops: the fused decode step's (``norm_qkv_rope``, or ``norm_qkv`` then ``rope_cache``, ``decode_attention``, ``o_residual``,
 ``norm_gate_up_swiglu``, ``down_residual``, ``lm_head``) and the standalone ``add_rmsnorm`` and ``swiglu``.
 
 ===============  ======================================================================================
@@ -35,6 +35,7 @@ import torch
 
 from rtkern.kernels.decode_attention import decode_attention
 from rtkern.kernels.fused_linear import fused_linear, fused_linear_reference
+from rtkern.kernels.qkv_rope import qkv_rope
 from rtkern.kernels.rmsnorm import add_rmsnorm, add_rmsnorm_reference
 from rtkern.kernels.rope_cache import rope_cache_update, rope_table
 from rtkern.kernels.swiglu import swiglu, swiglu_reference
@@ -44,7 +45,7 @@ from .sampler import DTYPES, H100_BANDWIDTH, _capture, environment, time_call
 
 DEFAULT_OUT = Path("results") / "bench-kernels"
 GEMM_OPS = ("norm_qkv", "o_residual", "norm_gate_up_swiglu", "down_residual", "lm_head")
-OPS = ("add_rmsnorm", "rope_cache", "decode_attention", "swiglu") + GEMM_OPS
+OPS = ("add_rmsnorm", "rope_cache", "norm_qkv_rope", "decode_attention", "swiglu") + GEMM_OPS
 IMPLS = ("torch", "torch-compile", "triton", "cublas")
 CONTEXT = 384  # prompt 128 + 256 new tokens: the decode benchmark's longest context
 
@@ -121,6 +122,15 @@ def make_op(op: str, args: ModelArgs, B: int, dtype, device) -> tuple[dict[str, 
         return {"torch": lambda: _torch_rope_cache(qkv, pos, inv, k_cache, v_cache, H, n_kv),
                 "triton": lambda: rope_cache_update(qkv, pos, table, k_cache, v_cache, H, n_kv)}, \
             2 * B * (H + 2 * n_kv) * Dh * elt + B * (H + n_kv) * Dh * 4
+    if op == "norm_qkv_rope":
+        x, nw, inv = rnd(B, D), rnd(D), rope_inv_freq(args).to(device)
+        w, table = rnd((H + 2 * n_kv) * Dh, D) * D ** -0.5, rope_table(inv, CONTEXT)
+        torch_fn = lambda: _torch_rope_cache(fused_linear_reference(x, w, norm_weight=nw), pos, inv,  # noqa: E731
+                                             k_cache, v_cache, H, n_kv)
+        return {"torch": torch_fn, "triton": lambda: qkv_rope(x, w, pos, table, k_cache, v_cache, H, n_kv,
+                                                              norm_weight=nw),
+                "cublas": lambda: torch.nn.functional.linear(x, w)}, \
+            (w.numel() + B * D + D + B * (H + 2 * n_kv) * Dh) * elt + B * (H + n_kv) * Dh * 4
     if op == "decode_attention":
         q = rnd(B, H, Dh)
         return {"torch": lambda: _torch_attention(q, k_cache, v_cache, pos),

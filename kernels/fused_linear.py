@@ -42,16 +42,13 @@ def _tile_dot(x, w, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _fused_linear_kernel(
-    x_ptr, x_stride, nw_ptr, w_ptr, w_stride, out_ptr, out_stride,
-    M, N, K, eps,
-    NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
-    USE_DOT: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    DT = out_ptr.dtype.element_ty
-    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+def norm_gemm_tile(x_ptr, x_stride, rm, nw_ptr, w_ptr, w_stride, rn, pair_off, M, N, K, eps, DT: tl.constexpr,
+                   NORM: tl.constexpr, PAIR: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``[BLOCK_M, BLOCK_N]`` float32 tiles of ``norm(x) @ W[rn]^T`` and, with PAIR, of ``W[rn + pair_off]``.
+
+    Rows ``rm`` of x (``< M``), weight rows ``rn`` (``< N``); the caller rounds and stores.
+    """
     rk = tl.arange(0, BLOCK_K)
     m_ok, n_ok = rm < M, rn < N
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * x_stride
@@ -63,7 +60,7 @@ def _fused_linear_kernel(
             ss += tl.sum(xk.to(tl.float32) * xk.to(tl.float32), axis=1)
         rstd = tl.rsqrt(ss / K + eps)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_pair = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = k0 + rk < K
         x = tl.load(x_rows + k0 + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -72,16 +69,32 @@ def _fused_linear_kernel(
             x = round_to(nw[None, :] * round_to(x.to(tl.float32) * rstd[:, None], DT).to(tl.float32), DT)
         w_mask = n_ok[:, None] & k_ok[None, :]
         acc += _tile_dot(x, tl.load(w_rows + k0 + rk[None, :], mask=w_mask, other=0.0), USE_DOT, IEEE)
-        if SWIGLU:
-            w_up = tl.load(w_rows + N * w_stride + k0 + rk[None, :], mask=w_mask, other=0.0)
-            acc_up += _tile_dot(x, w_up, USE_DOT, IEEE)
+        if PAIR:
+            w2 = tl.load(w_rows + pair_off * w_stride + k0 + rk[None, :], mask=w_mask, other=0.0)
+            acc_pair += _tile_dot(x, w2, USE_DOT, IEEE)
+    return acc, acc_pair
+
+
+@triton.jit
+def _fused_linear_kernel(
+    x_ptr, x_stride, nw_ptr, w_ptr, w_stride, out_ptr, out_stride,
+    M, N, K, eps,
+    NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+    USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    DT = out_ptr.dtype.element_ty
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc, acc_up = norm_gemm_tile(x_ptr, x_stride, rm, nw_ptr, w_ptr, w_stride, rn, N, M, N, K, eps, DT,
+                                 NORM, SWIGLU, USE_DOT, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
     y = round_to(acc, DT)
     if SWIGLU:
         g = y.to(tl.float32)
         act = round_to(g / (1.0 + tl.exp(-g)), DT)
         y = round_to(act.to(tl.float32) * round_to(acc_up, DT).to(tl.float32), DT)
     out_at = out_ptr + rm.to(tl.int64)[:, None] * out_stride + rn[None, :]
-    o_mask = m_ok[:, None] & n_ok[None, :]
+    o_mask = (rm < M)[:, None] & (rn < N)[None, :]
     if RESIDUAL:
         y = round_to(tl.load(out_at, mask=o_mask, other=0.0).to(tl.float32) + y.to(tl.float32), DT)
     tl.store(out_at, y, mask=o_mask)
@@ -121,7 +134,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: Optional
     -------
     [M, N] (``[M, I]`` with ``swiglu``) in ``x``'s dtype; ``residual`` itself when given.
     """
-    _check(x, weight, norm_weight, swiglu, residual)
+    check_linear(x, weight, norm_weight, swiglu, residual)
     M, K = x.shape
     N = weight.shape[0] // 2 if swiglu else weight.shape[0]
     out = residual if residual is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -147,7 +160,8 @@ def fused_linear_reference(x, weight, *, norm_weight=None, eps=1e-5, swiglu=Fals
     return y if residual is None else residual + y
 
 
-def _check(x, weight, norm_weight, swiglu, residual):
+def check_linear(x, weight, norm_weight, swiglu, residual):
+    """fused_linear's argument checks (also qkv_rope's): ValueError/TypeError before any launch."""
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise ValueError(f"{name} must be a 2-D tensor, got {getattr(t, 'shape', type(t).__name__)}")

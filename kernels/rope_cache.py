@@ -65,28 +65,34 @@ def rope_cache_update(qkv: torch.Tensor, pos: torch.Tensor, table: torch.Tensor,
     table : [S, Dh] float32 from ``rope_table``
     k_cache, v_cache : [B_max >= B, Hkv, S, Dh], model dtype, contiguous
     """
-    if qkv.dim() != 2:
-        raise ValueError(f"qkv must be 2-D [B, (H + 2*Hkv) * Dh], got {tuple(qkv.shape)}")
-    B, width = qkv.shape
-    Dh = table.shape[-1]
-    if width != (n_heads + 2 * n_kv_heads) * Dh or qkv.stride(-1) != 1:
-        raise ValueError(f"qkv must be [B, {(n_heads + 2 * n_kv_heads) * Dh}] with a contiguous last dim, "
-                         f"got {tuple(qkv.shape)}")
-    if pos.shape != (B,) or pos.dtype != torch.int64:
-        raise ValueError(f"pos must be a [{B}] int64 tensor, got {tuple(pos.shape)} {pos.dtype}")
-    if table.dtype != torch.float32 or table.dim() != 2 or not table.is_contiguous() or Dh % 2:
-        raise ValueError(f"table must be a contiguous [S, Dh] float32 tensor, got {tuple(table.shape)} {table.dtype}")
-    want = (n_kv_heads, table.shape[0], Dh)
-    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if c.dim() != 4 or tuple(c.shape[1:]) != want or c.shape[0] < B or c.dtype != qkv.dtype \
-                or not c.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous [>={B}, {want[0]}, {want[1]}, {want[2]}] {qkv.dtype} "
-                             f"tensor, got {tuple(c.shape)} {c.dtype}")
+    if qkv.dim() != 2 or qkv.stride(-1) != 1:
+        raise ValueError(f"qkv must be 2-D [B, (H + 2*Hkv) * Dh] with a contiguous last dim, got "
+                         f"{tuple(qkv.shape)}")
+    B, Dh = qkv.shape[0], table.shape[-1]
+    check_rope_cache(qkv.shape[1], B, pos, table, k_cache, v_cache, n_heads, n_kv_heads, qkv.dtype)
     half = Dh // 2
     _rope_cache_kernel[(B, n_heads + n_kv_heads)](
         qkv, qkv.stride(0), pos, table, k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), n_heads, n_kv_heads, half, BLOCK=triton.next_power_of_2(half), num_warps=1)
     return qkv[:, :n_heads * Dh].view(B, n_heads, Dh)
+
+
+def check_rope_cache(width, B, pos, table, k_cache, v_cache, n_heads, n_kv_heads, dtype):
+    """Checks shared with qkv_rope: ``width`` q/k/v columns for ``B`` rows, positions, table and caches."""
+    Dh = table.shape[-1] if isinstance(table, torch.Tensor) and table.dim() == 2 else None
+    if Dh is None or table.dtype != torch.float32 or not table.is_contiguous() or Dh % 2:
+        raise ValueError(f"table must be a contiguous [S, Dh] float32 tensor with even Dh, got "
+                         f"{tuple(table.shape)} {table.dtype}")
+    if width != (n_heads + 2 * n_kv_heads) * Dh:
+        raise ValueError(f"qkv width must be (H + 2*Hkv) * Dh = {(n_heads + 2 * n_kv_heads) * Dh}, got {width}")
+    if pos.shape != (B,) or pos.dtype != torch.int64:
+        raise ValueError(f"pos must be a [{B}] int64 tensor, got {tuple(pos.shape)} {pos.dtype}")
+    want = (n_kv_heads, table.shape[0], Dh)
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.dim() != 4 or tuple(c.shape[1:]) != want or c.shape[0] < B or c.dtype != dtype \
+                or not c.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous [>={B}, {want[0]}, {want[1]}, {want[2]}] {dtype} "
+                             f"tensor, got {tuple(c.shape)} {c.dtype}")
 
 
 def rope_cache_update_reference(qkv, pos, table, k_cache, v_cache, n_heads, n_kv_heads):

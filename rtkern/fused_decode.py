@@ -1,17 +1,18 @@
-"""The decode step on Triton kernels: seven launches per layer instead of ~45.
+"""The decode step on Triton kernels: six or seven launches per layer instead of ~45.
 
 ``Transformer.forward`` stays the reference; this path computes the same step for one token per row:
 
-1. RMSNorm fused into the q/k/v GEMM (one weight for all three);
-2. RoPE fused with the KV-cache write;
-3. split-sequence decode attention (two launches: partial softmax per chunk, merge);
-4. the output projection with the residual add in its epilogue;
-5. RMSNorm fused into the gate/up GEMM, SwiGLU in its epilogue;
-6. the down projection with the residual add in its epilogue.
+1. RMSNorm, the q/k/v GEMM (one weight for all three), RoPE and the KV-cache write in one launch
+   (``qkv_rope``) where its one-program-per-head grid suits the shape; else two (``fused_linear`` with the
+   norm, then ``rope_cache_update``);
+2. split-sequence decode attention (two launches: partial softmax per chunk, merge);
+3. the output projection with the residual add in its epilogue;
+4. RMSNorm fused into the gate/up GEMM, SwiGLU in its epilogue;
+5. the down projection with the residual add in its epilogue.
 
 At small batch a decoder step is launch-bound (SmolLM2 is 30 layers of ~1 µs kernels), so the number of
-launches inside the CUDA graph is what this cuts: 7 per layer, where separate add+RMSNorm and SwiGLU
-kernels around cuBLAS GEMMs take 10.
+launches inside the CUDA graph is what this cuts: 6 per layer for SmolLM2 (7 for an 8B model), where
+separate add+RMSNorm, RoPE and SwiGLU kernels around cuBLAS GEMMs take 10.
 """
 from __future__ import annotations
 
@@ -19,7 +20,14 @@ import torch
 
 from .kernels.decode_attention import decode_attention
 from .kernels.fused_linear import fused_linear
+from .kernels.qkv_rope import qkv_rope
 from .kernels.rope_cache import rope_cache_update, rope_table
+
+
+# qkv_rope runs one program per head, each reading a [head_dim, dim] weight slice: beyond this size too few
+# programs stream too much each to keep HBM busy (Llama-3-8B: 48 programs of 1 MB), and the two-launch
+# path wins. SmolLM2's 74 KB slices are far below it.
+QKV_ROPE_MAX_SLICE_BYTES = 256 * 1024
 
 
 def _fuse(first: torch.nn.Linear, *rest: torch.nn.Linear) -> torch.Tensor:
@@ -89,11 +97,15 @@ def decode_step(model, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """
     a = model.args
     res = model.embed_tokens(tokens)        # the residual stream: each block adds into it in place
+    one_launch = a.head_dim * a.dim * res.element_size() <= QKV_ROPE_MAX_SLICE_BYTES
     for layer in model.layers:
         attn, mlp, kv = layer.self_attn, layer.mlp, layer.self_attn.kv_cache
         ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
-        qkv = fused_linear(res, attn.wqkv, norm_weight=ln1.weight, eps=ln1.eps)
-        q = rope_cache_update(qkv, pos, model.rope_table, kv.k_cache, kv.v_cache, a.n_heads, a.n_kv_heads)
+        cache = (pos, model.rope_table, kv.k_cache, kv.v_cache, a.n_heads, a.n_kv_heads)
+        if one_launch:
+            q = qkv_rope(res, attn.wqkv, *cache, norm_weight=ln1.weight, eps=ln1.eps)
+        else:
+            q = rope_cache_update(fused_linear(res, attn.wqkv, norm_weight=ln1.weight, eps=ln1.eps), *cache)
         fused_linear(decode_attention(q, kv.k_cache, kv.v_cache, pos), attn.o_proj.weight, residual=res)
         act = fused_linear(res, mlp.w_gate_up, norm_weight=ln2.weight, eps=ln2.eps, swiglu=True)
         fused_linear(act, mlp.down_proj.weight, residual=res)

@@ -38,7 +38,7 @@ def test_bench_kernels(tmp_path, capsys):
     assert rc == 0
     rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
     assert {(r["op"], r["impl"]) for r in rows} == {(o, i) for o in OPS for i in ("torch", "triton")} | \
-        {(o, "cublas") for o in GEMM_OPS}
+        {(o, "cublas") for o in GEMM_OPS + ("norm_qkv_rope",)}
     for r in rows:
         assert r["floor_us"] > 0
         if r["impl"] == "triton" and not ON_GPU:

@@ -10,6 +10,7 @@ from rtkern import RefusalSpec, fused_decode
 from rtkern.engine import Engine, SamplingParams
 from rtkern.kernels.decode_attention import decode_attention, decode_attention_reference
 from rtkern.kernels.fused_linear import fused_linear, fused_linear_reference
+from rtkern.kernels.qkv_rope import qkv_rope
 from rtkern.kernels.rmsnorm import add_rmsnorm, add_rmsnorm_reference
 from rtkern.kernels.rope_cache import rope_cache_update, rope_cache_update_reference, rope_table
 from rtkern.kernels.swiglu import swiglu, swiglu_reference
@@ -123,6 +124,48 @@ def test_rope_cache_update_matches_torch(dtype, H, n_kv, Dh):
     torch.testing.assert_close(v, v_ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,H,n_kv,Dh,K", [(1, 4, 4, 16, 64), (3, 9, 3, 64, 97), (9, 6, 2, 24, 40), (17, 4, 1, 32, 48)]
+                         + ([(1, 32, 8, 128, 4096), (32, 9, 3, 64, 576)] if ON_GPU else []))
+@pytest.mark.parametrize("norm", [False, True])
+def test_qkv_rope_matches_linear_then_rope(dtype, M, H, n_kv, Dh, K, norm):
+    S, seed = 40, M * H * Dh + K
+    args = ModelArgs(dim=H * Dh, n_layers=1, n_heads=H, n_kv_heads=n_kv, rope_theta=500.0)
+    table = rope_table(rope_inv_freq(args).to(DEVICE), S)
+    x = _randn(M, K, dtype=dtype, seed=seed, scale=3.0)
+    w = _randn((H + 2 * n_kv) * Dh, K, dtype=dtype, seed=seed + 1, scale=K ** -0.5)
+    nw = _randn(K, dtype=dtype, seed=seed + 2) if norm else None
+    pos = torch.randint(0, S, (M,), generator=_gen(seed), device=DEVICE)
+    pos[-1] = S - 1
+    k, v = _caches(M, n_kv, S, Dh, dtype, seed=seed + 3)
+    k_ref, v_ref = k.clone(), v.clone()
+    q = qkv_rope(x, w, pos, table, k, v, H, n_kv, norm_weight=nw, eps=1e-5)
+    qkv_ref = fused_linear_reference(x, w, norm_weight=nw, eps=1e-5)
+    q_ref = rope_cache_update_reference(qkv_ref, pos, table, k_ref, v_ref, H, n_kv)
+    assert q.shape == (M, H, Dh)
+    torch.testing.assert_close(q, q_ref, **TOL[dtype])
+    torch.testing.assert_close(k, k_ref, **TOL[dtype])      # every other slot and row untouched
+    torch.testing.assert_close(v, v_ref, **TOL[dtype])
+
+
+def test_qkv_rope_rejects_bad_input():
+    S, H, n_kv, Dh, K = 16, 4, 2, 8, 32
+    table = rope_table(rope_inv_freq(ModelArgs(dim=H * Dh, n_layers=1, n_heads=H)).to(DEVICE), S)
+    x, w = torch.ones(2, K, device=DEVICE), torch.ones((H + 2 * n_kv) * Dh, K, device=DEVICE)
+    k, v = _caches(2, n_kv, S, Dh, torch.float32, seed=0)
+    pos = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="qkv width"):
+        qkv_rope(x, w[:-Dh], pos, table, k, v, H, n_kv)
+    with pytest.raises(ValueError, match="pos"):
+        qkv_rope(x, w, pos.int(), table, k, v, H, n_kv)
+    with pytest.raises(ValueError, match="k_cache"):
+        qkv_rope(x, w, pos, table, k.half(), v, H, n_kv)
+    with pytest.raises(ValueError, match="table"):
+        qkv_rope(x, w, pos, table.double(), k, v, H, n_kv)
+    with pytest.raises(ValueError, match="weight"):
+        qkv_rope(x, w[:, :-1].contiguous(), pos, table, k, v, H, n_kv)
+
+
 def test_rope_table_matches_the_model_rotation():
     args = ModelArgs(dim=64, n_layers=1, n_heads=4, rope_theta=10000.0)
     table = rope_table(rope_inv_freq(args), 50)
@@ -208,8 +251,10 @@ def _tiny(seed, **kw):
 @pytest.mark.parametrize("kw", [{}, dict(tie_word_embeddings=True, n_kv_heads=6, rope_scaling={
     "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
     "original_max_position_embeddings": 32})])
+@pytest.mark.parametrize("qkv_rope_max", [0, 1 << 30], ids=["linear+rope", "qkv_rope"])
 @torch.no_grad()
-def test_fused_decode_step_equals_model_forward(kw):
+def test_fused_decode_step_equals_model_forward(kw, qkv_rope_max, monkeypatch):
+    monkeypatch.setattr(fused_decode, "QKV_ROPE_MAX_SLICE_BYTES", qkv_rope_max)
     model = _tiny(0, **kw)
     B, T, steps = 3, 9, 4
     tokens = torch.randint(0, 111, (B, T + steps), device=DEVICE)
