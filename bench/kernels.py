@@ -1,8 +1,10 @@
 """The decoder's Triton kernels against the torch ops they replace, one decode step's shapes at a time.
 
 For each op and model shape (SmolLM2-135M, Llama-3-8B) at batch B, these implementations are timed.
-Ops: the fused decode step's (``norm_qkv_rope``, or ``norm_qkv`` then ``rope_cache``, ``decode_attention``, ``o_residual``,
-``norm_gate_up_swiglu``, ``down_residual``, ``lm_head``) and the standalone ``add_rmsnorm`` and ``swiglu``.
+Ops: the fused decode step's — ``norm_qkv_rope`` (or ``norm_qkv`` then ``rope_cache``),
+``attention_o_residual`` (chunked attention, then the merge inside the o-projection; or
+``decode_attention`` then ``o_residual``), ``norm_gate_up_swiglu``, ``down_residual``, ``lm_head`` — and
+the standalone ``add_rmsnorm`` and ``swiglu``.
 
 ===============  ======================================================================================
 impl             what runs
@@ -33,7 +35,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from rtkern.kernels.decode_attention import decode_attention
+from rtkern.kernels.attn_out_proj import attention_out_proj
+from rtkern.kernels.decode_attention import decode_attention, decode_attention_partials
 from rtkern.kernels.fused_linear import fused_linear, fused_linear_reference
 from rtkern.kernels.qkv_rope import qkv_rope
 from rtkern.kernels.rmsnorm import add_rmsnorm, add_rmsnorm_reference
@@ -45,7 +48,8 @@ from .sampler import DTYPES, H100_BANDWIDTH, _capture, environment, time_call
 
 DEFAULT_OUT = Path("results") / "bench-kernels"
 GEMM_OPS = ("norm_qkv", "o_residual", "norm_gate_up_swiglu", "down_residual", "lm_head")
-OPS = ("add_rmsnorm", "rope_cache", "norm_qkv_rope", "decode_attention", "swiglu") + GEMM_OPS
+OPS = ("add_rmsnorm", "rope_cache", "norm_qkv_rope", "decode_attention", "attention_o_residual",
+       "swiglu") + GEMM_OPS
 IMPLS = ("torch", "torch-compile", "triton", "cublas")
 CONTEXT = 384  # prompt 128 + 256 new tokens: the decode benchmark's longest context
 
@@ -131,6 +135,14 @@ def make_op(op: str, args: ModelArgs, B: int, dtype, device) -> tuple[dict[str, 
                                                               norm_weight=nw),
                 "cublas": lambda: torch.nn.functional.linear(x, w)}, \
             (w.numel() + B * D + D + B * (H + 2 * n_kv) * Dh) * elt + B * (H + n_kv) * Dh * 4
+    if op == "attention_o_residual":
+        q, w, r = rnd(B, H, Dh), rnd(D, H * Dh) * (H * Dh) ** -0.5, rnd(B, D)
+        torch_fn = lambda: r + torch.nn.functional.linear(  # noqa: E731
+            _torch_attention(q, k_cache, v_cache, pos).reshape(B, H * Dh), w)
+        triton_fn = lambda: attention_out_proj(  # noqa: E731
+            *decode_attention_partials(q, k_cache, v_cache, pos, max_splits=16), w, r)
+        return {"torch": torch_fn, "triton": triton_fn}, \
+            (2 * B * n_kv * CONTEXT * Dh + B * H * Dh + w.numel() + 2 * B * D) * elt
     if op == "decode_attention":
         q = rnd(B, H, Dh)
         return {"torch": lambda: _torch_attention(q, k_cache, v_cache, pos),

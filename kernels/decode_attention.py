@@ -77,10 +77,42 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, out_stride, H, DH, SPLITS,
     tl.store(out_ptr + b * out_stride + h * DH + d, round_to(o, out_ptr.dtype.element_ty), mask=d < DH)
 
 
-def _plan(B: int, n_kv: int, S: int, device: torch.device, block_s: int) -> int:
+def _plan(B: int, n_kv: int, S: int, device: torch.device, block_s: int, max_splits: int | None) -> int:
     """Chunk length: enough programs to cover the GPU about twice at this batch, whole tiles each."""
-    splits = max(1, min(triton.cdiv(2 * num_sms(device), B * n_kv), triton.cdiv(S, block_s)))
+    splits = max(1, min(triton.cdiv(2 * num_sms(device), B * n_kv), triton.cdiv(S, block_s), max_splits or S))
     return triton.cdiv(triton.cdiv(S, splits), block_s) * block_s
+
+
+def decode_attention_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                              *, chunk: int | None = None, max_splits: int | None = None):
+    """Stage 1 alone: per chunk of the cache, the softmax max ``m``, sum ``l`` and weighted value sum ``acc``.
+
+    For a consumer that merges the chunks itself (``attention_out_proj`` does it in its GEMM prologue).
+    Parameters as ``decode_attention``; ``max_splits`` caps the number of chunks (default: none).
+
+    Returns
+    -------
+    m, l : [B, H, SPLITS] float32; acc : [B, H, SPLITS, Dh] float32. A chunk past a row's position holds
+    ``m = -inf, l = 0, acc = 0``; chunk 0 always holds slot 0.
+    """
+    _check(q, k_cache, v_cache, pos)
+    if max_splits is not None and (not isinstance(max_splits, int) or max_splits < 1):
+        raise ValueError(f"max_splits must be a positive int or None, got {max_splits!r}")
+    B, H, Dh = q.shape
+    n_kv, S = k_cache.shape[1], k_cache.shape[2]
+    rep, dh_p2 = H // n_kv, triton.next_power_of_2(Dh)
+    rep_p2 = triton.next_power_of_2(rep)
+    block_s = max(16, min(64, 8192 // (rep_p2 * dh_p2)))
+    chunk = chunk or _plan(B, n_kv, S, q.device, block_s, max_splits)
+    splits = triton.cdiv(S, chunk)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    m, l = torch.empty(B, H, splits, **f32), torch.empty(B, H, splits, **f32)
+    acc = torch.empty(B, H, splits, Dh, **f32)
+    _partial_kernel[(B, n_kv, splits)](
+        q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), pos, m, l, acc, H, rep, Dh, chunk, splits, Dh ** -0.5,
+        REP_P2=rep_p2, DH_P2=dh_p2, BLOCK_S=block_s, num_warps=4)
+    return m, l, acc
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
@@ -99,24 +131,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     -------
     [B, H * Dh] in ``q``'s dtype (heads concatenated, ready for the output projection).
     """
-    _check(q, k_cache, v_cache, pos)
-    B, H, Dh = q.shape
-    n_kv, S = k_cache.shape[1], k_cache.shape[2]
-    rep, dh_p2 = H // n_kv, triton.next_power_of_2(Dh)
-    rep_p2 = triton.next_power_of_2(rep)
-    block_s = max(16, min(64, 8192 // (rep_p2 * dh_p2)))
-    chunk = chunk or _plan(B, n_kv, S, q.device, block_s)
-    splits = triton.cdiv(S, chunk)
-    f32 = dict(dtype=torch.float32, device=q.device)
-    m, l = torch.empty(B, H, splits, **f32), torch.empty(B, H, splits, **f32)
-    acc = torch.empty(B, H, splits, Dh, **f32)
-    _partial_kernel[(B, n_kv, splits)](
-        q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), pos, m, l, acc, H, rep, Dh, chunk, splits, Dh ** -0.5,
-        REP_P2=rep_p2, DH_P2=dh_p2, BLOCK_S=block_s, num_warps=4)
+    m, l, acc = decode_attention_partials(q, k_cache, v_cache, pos, chunk=chunk)
+    B, H, splits, Dh = acc.shape
     out = torch.empty(B, H * Dh, dtype=q.dtype, device=q.device)
     _merge_kernel[(B, H)](m, l, acc, out, out.stride(0), H, Dh, splits,
-                          SPLITS_P2=triton.next_power_of_2(splits), DH_P2=dh_p2, num_warps=1)
+                          SPLITS_P2=triton.next_power_of_2(splits), DH_P2=triton.next_power_of_2(Dh), num_warps=1)
     return out
 
 

@@ -26,7 +26,7 @@ from ._common import interpreter_enabled, num_sms, round_to
 
 
 @triton.jit
-def _tile_dot(x, w, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+def tile_dot(x, w, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
     # [BM, BK] x [BN, BK] -> [BM, BN] float32. Below 16 rows tl.dot cannot tile, and a broadcast
     # multiply-reduce on CUDA cores is as fast as the weight read it waits for.
     if USE_DOT == 2:
@@ -68,10 +68,10 @@ def norm_gemm_tile(x_ptr, x_stride, rm, nw_ptr, w_ptr, w_stride, rn, pair_off, M
             nw = tl.load(nw_ptr + k0 + rk, mask=k_ok, other=0.0).to(tl.float32)
             x = round_to(nw[None, :] * round_to(x.to(tl.float32) * rstd[:, None], DT).to(tl.float32), DT)
         w_mask = n_ok[:, None] & k_ok[None, :]
-        acc += _tile_dot(x, tl.load(w_rows + k0 + rk[None, :], mask=w_mask, other=0.0), USE_DOT, IEEE)
+        acc += tile_dot(x, tl.load(w_rows + k0 + rk[None, :], mask=w_mask, other=0.0), USE_DOT, IEEE)
         if PAIR:
             w2 = tl.load(w_rows + pair_off * w_stride + k0 + rk[None, :], mask=w_mask, other=0.0)
-            acc_pair += _tile_dot(x, w2, USE_DOT, IEEE)
+            acc_pair += tile_dot(x, w2, USE_DOT, IEEE)
     return acc, acc_pair
 
 
@@ -100,7 +100,7 @@ def _fused_linear_kernel(
     tl.store(out_at, y, mask=o_mask)
 
 
-def _config(M: int, N: int, K: int, device: torch.device) -> dict:
+def gemm_config(M: int, N: int, K: int, device: torch.device) -> dict:
     """Tile sizes: tl.dot from 9 rows up; below, enough column blocks to cover the GPU about twice.
 
     ``USE_DOT``: 0 multiply-reduce, 1 tl.dot, 2 tl.dot on float32 copies (the interpreter).
@@ -138,7 +138,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: Optional
     M, K = x.shape
     N = weight.shape[0] // 2 if swiglu else weight.shape[0]
     out = residual if residual is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
-    cfg = _config(M, N, K, x.device)
+    cfg = gemm_config(M, N, K, x.device)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]))
     _fused_linear_kernel[grid](
         x, x.stride(0), norm_weight if norm_weight is not None else x, weight, weight.stride(0),

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._common import round_to
-from .fused_linear import _config, check_linear, norm_gemm_tile
+from .fused_linear import gemm_config, check_linear, norm_gemm_tile
 from .rope_cache import check_rope_cache
 
 
@@ -87,9 +87,9 @@ def qkv_rope(x: torch.Tensor, wqkv: torch.Tensor, pos: torch.Tensor, table: torc
     check_rope_cache(wqkv.shape[0], M, pos, table, k_cache, v_cache, n_heads, n_kv_heads, x.dtype)
     half = table.shape[-1] // 2
     q = torch.empty(M, n_heads, 2 * half, dtype=x.dtype, device=x.device)
-    cfg = _config(M, half, K, x.device)
+    cfg = gemm_config(M, half, K, x.device)
     cfg["BLOCK_N"] = triton.next_power_of_2(half)
-    if not cfg["USE_DOT"]:      # keep the multiply-reduce tile within the register budget of _config
+    if not cfg["USE_DOT"]:      # keep the multiply-reduce tile within the register budget of gemm_config
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], max(16, 8192 // (cfg["BLOCK_M"] * cfg["BLOCK_N"])))
     grid = (n_heads + 2 * n_kv_heads, triton.cdiv(M, cfg["BLOCK_M"]))
     _qkv_rope_kernel[grid](

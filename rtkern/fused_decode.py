@@ -1,24 +1,27 @@
-"""The decode step on Triton kernels: six or seven launches per layer instead of ~45.
+"""The decode step on Triton kernels: five to seven launches per layer instead of ~45.
 
 ``Transformer.forward`` stays the reference; this path computes the same step for one token per row:
 
 1. RMSNorm, the q/k/v GEMM (one weight for all three), RoPE and the KV-cache write in one launch
    (``qkv_rope``) where its one-program-per-head grid suits the shape; else two (``fused_linear`` with the
    norm, then ``rope_cache_update``);
-2. split-sequence decode attention (two launches: partial softmax per chunk, merge);
-3. the output projection with the residual add in its epilogue;
+2. split-sequence decode attention: partial softmax per chunk;
+3. the merge of the chunks, the output projection and the residual add in one launch
+   (``attention_out_proj``) where the partials are small; else two (the merge, then ``fused_linear``);
 4. RMSNorm fused into the gate/up GEMM, SwiGLU in its epilogue;
 5. the down projection with the residual add in its epilogue.
 
 At small batch a decoder step is launch-bound (SmolLM2 is 30 layers of ~1 µs kernels), so the number of
-launches inside the CUDA graph is what this cuts: 6 per layer for SmolLM2 (7 for an 8B model), where
-separate add+RMSNorm, RoPE and SwiGLU kernels around cuBLAS GEMMs take 10.
+launches inside the CUDA graph is what this cuts: 5 per layer for SmolLM2 (7 for an 8B model, where
+the GEMMs' weight reads dominate and the two one-launch variants would cost bandwidth), against 10 for
+separate add+RMSNorm, RoPE, merge and SwiGLU kernels around cuBLAS GEMMs.
 """
 from __future__ import annotations
 
 import torch
 
-from .kernels.decode_attention import decode_attention
+from .kernels.attn_out_proj import attention_out_proj
+from .kernels.decode_attention import decode_attention, decode_attention_partials
 from .kernels.fused_linear import fused_linear
 from .kernels.qkv_rope import qkv_rope
 from .kernels.rope_cache import rope_cache_update, rope_table
@@ -28,6 +31,11 @@ from .kernels.rope_cache import rope_cache_update, rope_table
 # programs stream too much each to keep HBM busy (Llama-3-8B: 48 programs of 1 MB), and the two-launch
 # path wins. SmolLM2's 74 KB slices are far below it.
 QKV_ROPE_MAX_SLICE_BYTES = 256 * 1024
+# attention_out_proj rebuilds its rows' attention output from the float32 chunk partials in every program:
+# worth the saved launch while they stay small (SmolLM2 with at most 16 chunks: 38 KB per row), not for
+# an 8B model (32 heads: 266 KB per row, re-read by each of ~500 programs).
+MERGE_MAX_SPLITS = 16
+MERGE_IN_O_PROJ_MAX_BYTES = 64 * 1024
 
 
 def _fuse(first: torch.nn.Linear, *rest: torch.nn.Linear) -> torch.Tensor:
@@ -97,16 +105,21 @@ def decode_step(model, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """
     a = model.args
     res = model.embed_tokens(tokens)        # the residual stream: each block adds into it in place
-    one_launch = a.head_dim * a.dim * res.element_size() <= QKV_ROPE_MAX_SLICE_BYTES
+    qkv_in_one = a.head_dim * a.dim * res.element_size() <= QKV_ROPE_MAX_SLICE_BYTES
+    merge_in_o = a.n_heads * (a.head_dim + 2) * MERGE_MAX_SPLITS * 4 <= MERGE_IN_O_PROJ_MAX_BYTES
     for layer in model.layers:
         attn, mlp, kv = layer.self_attn, layer.mlp, layer.self_attn.kv_cache
         ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
         cache = (pos, model.rope_table, kv.k_cache, kv.v_cache, a.n_heads, a.n_kv_heads)
-        if one_launch:
+        if qkv_in_one:
             q = qkv_rope(res, attn.wqkv, *cache, norm_weight=ln1.weight, eps=ln1.eps)
         else:
             q = rope_cache_update(fused_linear(res, attn.wqkv, norm_weight=ln1.weight, eps=ln1.eps), *cache)
-        fused_linear(decode_attention(q, kv.k_cache, kv.v_cache, pos), attn.o_proj.weight, residual=res)
+        if merge_in_o:
+            partials = decode_attention_partials(q, kv.k_cache, kv.v_cache, pos, max_splits=MERGE_MAX_SPLITS)
+            attention_out_proj(*partials, attn.o_proj.weight, res)
+        else:
+            fused_linear(decode_attention(q, kv.k_cache, kv.v_cache, pos), attn.o_proj.weight, residual=res)
         act = fused_linear(res, mlp.w_gate_up, norm_weight=ln2.weight, eps=ln2.eps, swiglu=True)
         fused_linear(act, mlp.down_proj.weight, residual=res)
     return fused_linear(res, model.lm_head.weight, norm_weight=model.norm.weight, eps=model.norm.eps)

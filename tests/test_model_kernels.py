@@ -8,7 +8,8 @@ import torch
 
 from rtkern import RefusalSpec, fused_decode
 from rtkern.engine import Engine, SamplingParams
-from rtkern.kernels.decode_attention import decode_attention, decode_attention_reference
+from rtkern.kernels.attn_out_proj import attention_out_proj
+from rtkern.kernels.decode_attention import decode_attention, decode_attention_partials, decode_attention_reference
 from rtkern.kernels.fused_linear import fused_linear, fused_linear_reference
 from rtkern.kernels.qkv_rope import qkv_rope
 from rtkern.kernels.rmsnorm import add_rmsnorm, add_rmsnorm_reference
@@ -192,6 +193,42 @@ def test_decode_attention_matches_torch(dtype, B, H, n_kv, S, Dh, chunk):
     torch.testing.assert_close(out, decode_attention_reference(q, k, v, pos), **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,H,n_kv,S,Dh,N", [(1, 4, 4, 16, 16, 40), (3, 9, 3, 70, 64, 111), (2, 6, 2, 33, 24, 64),
+                                             (17, 4, 1, 50, 32, 96)]
+                         + ([(1, 9, 3, 384, 64, 576), (32, 9, 3, 384, 64, 576)] if ON_GPU else []))
+@pytest.mark.parametrize("max_splits", [None, 1, 3])
+def test_attention_out_proj_matches_attention_then_projection(dtype, B, H, n_kv, S, Dh, N, max_splits):
+    k, v = _caches(B, n_kv, S, Dh, dtype, seed=S + N)
+    q = _randn(B, H, Dh, dtype=dtype, seed=H + N)
+    pos = torch.randint(0, S, (B,), generator=_gen(B + N), device=DEVICE)
+    pos[0] = 0 if B > 1 else S - 1
+    pos[-1] = S - 1
+    w = _randn(N, H * Dh, dtype=dtype, seed=N, scale=(H * Dh) ** -0.5)
+    res = _randn(B, N, dtype=dtype, seed=N + 1)
+    want = fused_linear_reference(decode_attention_reference(q, k, v, pos), w, residual=res)
+    m, l, acc = decode_attention_partials(q, k, v, pos, max_splits=max_splits)
+    if max_splits:
+        assert m.shape[-1] <= max_splits
+    assert attention_out_proj(m, l, acc, w, res) is res
+    torch.testing.assert_close(res, want, **TOL[dtype])
+
+
+def test_attention_out_proj_rejects_bad_input():
+    m, l, acc = torch.zeros(2, 4, 3), torch.ones(2, 4, 3), torch.zeros(2, 4, 3, 8)
+    w, res = torch.ones(16, 32), torch.zeros(2, 16)
+    cases = [((m.double(), l, acc, w, res), "float32"), ((m[:, :3], l, acc, w, res), "float32"),
+             ((m, l, acc, w[:, :31].contiguous(), res), "weight"), ((m, l, acc, w.half(), res), "weight"),
+             ((m, l, acc, w, res[:1]), "residual"), ((m, l, acc, w, res.int()), "residual")]
+    for args, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            attention_out_proj(*(a.to(DEVICE) for a in args))
+    with pytest.raises(ValueError, match="max_splits"):
+        decode_attention_partials(torch.zeros(1, 4, 8, device=DEVICE), torch.zeros(1, 2, 8, 8, device=DEVICE),
+                                  torch.zeros(1, 2, 8, 8, device=DEVICE), torch.zeros(1, dtype=torch.int64,
+                                                                                       device=DEVICE), max_splits=0)
+
+
 def test_decode_attention_ignores_slots_past_the_position():
     B, H, S, Dh = 2, 4, 48, 16
     k, v = _caches(B, 2, S, Dh, torch.float32, seed=1)
@@ -251,10 +288,12 @@ def _tiny(seed, **kw):
 @pytest.mark.parametrize("kw", [{}, dict(tie_word_embeddings=True, n_kv_heads=6, rope_scaling={
     "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
     "original_max_position_embeddings": 32})])
-@pytest.mark.parametrize("qkv_rope_max", [0, 1 << 30], ids=["linear+rope", "qkv_rope"])
+@pytest.mark.parametrize("one_launch", [False, True], ids=["separate", "one-launch"])
 @torch.no_grad()
-def test_fused_decode_step_equals_model_forward(kw, qkv_rope_max, monkeypatch):
-    monkeypatch.setattr(fused_decode, "QKV_ROPE_MAX_SLICE_BYTES", qkv_rope_max)
+def test_fused_decode_step_equals_model_forward(kw, one_launch, monkeypatch):
+    # the small- and large-model forms of the step: qkv_rope and attention_out_proj, or the launches they fuse
+    monkeypatch.setattr(fused_decode, "QKV_ROPE_MAX_SLICE_BYTES", 1 << 30 if one_launch else 0)
+    monkeypatch.setattr(fused_decode, "MERGE_IN_O_PROJ_MAX_BYTES", 1 << 30 if one_launch else 0)
     model = _tiny(0, **kw)
     B, T, steps = 3, 9, 4
     tokens = torch.randint(0, 111, (B, T + steps), device=DEVICE)
