@@ -106,8 +106,9 @@ def gemm_config(M: int, N: int, K: int, device: torch.device) -> dict:
     ``USE_DOT``: 0 multiply-reduce, 1 tl.dot, 2 tl.dot on float32 copies (the interpreter).
     """
     bk = min(triton.next_power_of_2(K), 256 if M <= 2 else 64)
-    if M > 8:
-        return dict(BLOCK_M=16 if M <= 16 else 32, BLOCK_N=64, BLOCK_K=max(16, min(bk, 64)),
+    if M > 8:   # narrow column blocks for narrow layers: SmolLM2's 576 outputs would be 9 programs at 64
+        bn = max(16, min(64, triton.next_power_of_2(triton.cdiv(N, num_sms(device)))))
+        return dict(BLOCK_M=16 if M <= 16 else 32, BLOCK_N=bn, BLOCK_K=max(16, bk),
                     USE_DOT=2 if interpreter_enabled() else 1, num_warps=4)
     bm = triton.next_power_of_2(M)
     cap = max(8, 8192 // (bm * bk))
