@@ -1,5 +1,6 @@
 """Helpers shared by the kernels: rounding like torch, and the SM count (cached: it sits on the launch path)."""
 import functools
+import math
 import os
 
 import torch
@@ -30,6 +31,33 @@ def interpreter_incompatibility() -> str | None:
 def triton_runs_on(device: torch.device) -> bool:
     """Whether rtkern's Triton kernels can run on ``device``: CUDA, or anywhere through the interpreter."""
     return device.type == "cuda" or interpreter_enabled()
+
+
+def check_tensors(**named) -> torch.device:
+    """The launchers' first check: every argument a tensor, all on one device that Triton can run on.
+
+    TypeError for a non-tensor; ValueError for mixed devices, or a CPU device without the interpreter
+    (Triton would fail with "0 active drivers"). Returns the device.
+    """
+    first = device = None
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if device is None:
+            first, device = name, t.device
+        elif t.device != device:
+            raise ValueError(f"{name} is on {t.device}, {first} on {device}: all must share a device")
+    if device is not None and not triton_runs_on(device):
+        raise ValueError(f"rtkern's Triton kernels run on CUDA tensors, or on the CPU with TRITON_INTERPRET=1 set "
+                         f"before rtkern is imported; got tensors on {device}")
+    return device
+
+
+def check_eps(eps) -> float:
+    """A norm epsilon as a float: finite and >= 0 (NaN or a negative one would turn every row to NaN)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    return float(eps)
 
 
 def num_sms(device: torch.device) -> int:

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import round_to
+from ._common import check_tensors, round_to
 from .fused_linear import gemm_config, tile_dot
 
 
@@ -70,23 +70,22 @@ def attention_out_proj(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, weig
     weight : [N, H * Dh], ``residual``'s dtype, contiguous (the o-projection)
     residual : [M, N] float32/bfloat16/float16, contiguous last dim; updated in place
     """
-    if not all(isinstance(t, torch.Tensor) for t in (m, l, acc)) or acc.dim() != 4 \
-            or m.shape != acc.shape[:3] or l.shape != m.shape \
+    check_tensors(m=m, l=l, acc=acc, weight=weight, residual=residual)
+    if acc.dim() != 4 or 0 in acc.shape[1:] or m.shape != acc.shape[:3] or l.shape != m.shape \
             or any(t.dtype != torch.float32 or not t.is_contiguous() for t in (m, l, acc)):
-        raise ValueError(f"m, l must be contiguous float32 [M, H, SPLITS] and acc [M, H, SPLITS, Dh], got "
-                         f"{[(tuple(getattr(t, 'shape', ())), getattr(t, 'dtype', t)) for t in (m, l, acc)]}")
+        raise ValueError(f"m, l must be contiguous float32 [M, H, SPLITS] and acc [M, H, SPLITS, Dh] (H, SPLITS, "
+                         f"Dh > 0), got {[(tuple(t.shape), t.dtype) for t in (m, l, acc)]}")
     M, H, splits, Dh = acc.shape
-    if not isinstance(residual, torch.Tensor) or residual.dim() != 2 or residual.shape[0] != M \
+    if residual.dim() != 2 or residual.shape[0] != M or residual.shape[1] == 0 \
             or residual.dtype not in (torch.float32, torch.bfloat16, torch.float16) or residual.stride(1) != 1:
         raise ValueError(f"residual must be a [{M}, N] float tensor with a contiguous last dimension, got "
-                         f"{tuple(getattr(residual, 'shape', ()))} {getattr(residual, 'dtype', type(residual))}")
-    if not isinstance(weight, torch.Tensor) or weight.shape != (residual.shape[1], H * Dh) \
+                         f"{tuple(residual.shape)} {residual.dtype}")
+    if weight.shape != (residual.shape[1], H * Dh) \
             or weight.dtype != residual.dtype or not weight.is_contiguous():
         raise ValueError(f"weight must be a contiguous [{residual.shape[1]}, {H * Dh}] {residual.dtype} tensor, "
-                         f"got {tuple(getattr(weight, 'shape', ()))} {getattr(weight, 'dtype', type(weight))}")
-    if not (acc.device == weight.device == residual.device):
-        raise ValueError(f"partials, weight and residual must share a device, got {acc.device}, {weight.device}, "
-                         f"{residual.device}")
+                         f"got {tuple(weight.shape)} {weight.dtype}")
+    if M == 0:
+        return residual
     N = weight.shape[0]
     sp2 = triton.next_power_of_2(splits)
     cfg = gemm_config(M, N, H * Dh, residual.device)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import num_sms, round_to
+from ._common import check_tensors, num_sms, round_to
 
 
 @triton.jit
@@ -96,18 +96,21 @@ def decode_attention_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     ``m = -inf, l = 0, acc = 0``; chunk 0 always holds slot 0.
     """
     _check(q, k_cache, v_cache, pos)
-    if max_splits is not None and (not isinstance(max_splits, int) or max_splits < 1):
-        raise ValueError(f"max_splits must be a positive int or None, got {max_splits!r}")
+    for name, v in (("chunk", chunk), ("max_splits", max_splits)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {v!r}")
     B, H, Dh = q.shape
     n_kv, S = k_cache.shape[1], k_cache.shape[2]
     rep, dh_p2 = H // n_kv, triton.next_power_of_2(Dh)
     rep_p2 = triton.next_power_of_2(rep)
     block_s = max(16, min(64, 8192 // (rep_p2 * dh_p2)))
-    chunk = chunk or _plan(B, n_kv, S, q.device, block_s, max_splits)
+    chunk = chunk or (_plan(B, n_kv, S, q.device, block_s, max_splits) if B else S)
     splits = triton.cdiv(S, chunk)
     f32 = dict(dtype=torch.float32, device=q.device)
     m, l = torch.empty(B, H, splits, **f32), torch.empty(B, H, splits, **f32)
     acc = torch.empty(B, H, splits, Dh, **f32)
+    if B == 0:
+        return m, l, acc
     _partial_kernel[(B, n_kv, splits)](
         q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), pos, m, l, acc, H, rep, Dh, chunk, splits, Dh ** -0.5,
@@ -134,6 +137,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     m, l, acc = decode_attention_partials(q, k_cache, v_cache, pos, chunk=chunk)
     B, H, splits, Dh = acc.shape
     out = torch.empty(B, H * Dh, dtype=q.dtype, device=q.device)
+    if B == 0:
+        return out
     _merge_kernel[(B, H)](m, l, acc, out, out.stride(0), H, Dh, splits,
                           SPLITS_P2=triton.next_power_of_2(splits), DH_P2=triton.next_power_of_2(Dh), num_warps=1)
     return out
@@ -151,12 +156,14 @@ def decode_attention_reference(q, k_cache, v_cache, pos):
 
 
 def _check(q, k_cache, v_cache, pos):
-    if q.dim() != 3 or q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or q.stride(-1) != 1:
-        raise ValueError(f"q must be a [B, H, Dh] float tensor with a contiguous last dim, got "
+    check_tensors(q=q, k_cache=k_cache, v_cache=v_cache, pos=pos)
+    if q.dim() != 3 or 0 in q.shape[1:] or q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or q.stride(-1) != 1:
+        raise ValueError(f"q must be a [B, H, Dh] float tensor (H, Dh > 0) with a contiguous last dim, got "
                          f"{tuple(q.shape)} {q.dtype}")
     B, H, Dh = q.shape
-    if k_cache.dim() != 4 or k_cache.shape[0] < B or k_cache.shape[3] != Dh or H % k_cache.shape[1]:
-        raise ValueError(f"k_cache must be [>={B}, Hkv dividing {H}, S, {Dh}], got {tuple(k_cache.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape[0] < B or k_cache.shape[3] != Dh or 0 in k_cache.shape[1:3] \
+            or H % k_cache.shape[1]:
+        raise ValueError(f"k_cache must be [>={B}, Hkv dividing {H}, S > 0, {Dh}], got {tuple(k_cache.shape)}")
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         if c.shape != k_cache.shape or c.dtype != q.dtype or not c.is_contiguous() or c.device != q.device:
             raise ValueError(f"{name} must be a contiguous {tuple(k_cache.shape)} {q.dtype} tensor on "

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import interpreter_enabled, num_sms, round_to
+from ._common import check_eps, check_tensors, interpreter_enabled, num_sms, round_to
 
 
 @triton.jit
@@ -136,14 +136,17 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: Optional
     [M, N] (``[M, I]`` with ``swiglu``) in ``x``'s dtype; ``residual`` itself when given.
     """
     check_linear(x, weight, norm_weight, swiglu, residual)
+    eps = check_eps(eps)
     M, K = x.shape
     N = weight.shape[0] // 2 if swiglu else weight.shape[0]
     out = residual if residual is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out
     cfg = gemm_config(M, N, K, x.device)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]))
     _fused_linear_kernel[grid](
         x, x.stride(0), norm_weight if norm_weight is not None else x, weight, weight.stride(0),
-        out, out.stride(0), M, N, K, float(eps),
+        out, out.stride(0), M, N, K, eps,
         NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
         IEEE=x.dtype == torch.float32, **cfg)
     return out
@@ -163,9 +166,15 @@ def fused_linear_reference(x, weight, *, norm_weight=None, eps=1e-5, swiglu=Fals
 
 def check_linear(x, weight, norm_weight, swiglu, residual):
     """fused_linear's argument checks (also qkv_rope's): ValueError/TypeError before any launch."""
+    check_tensors(x=x, weight=weight, **{k: t for k, t in (("norm_weight", norm_weight), ("residual", residual))
+                                         if t is not None})
+    if not isinstance(swiglu, bool):
+        raise TypeError(f"swiglu must be a bool, got {type(swiglu).__name__}")
     for name, t in (("x", x), ("weight", weight)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            raise ValueError(f"{name} must be a 2-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor, got {tuple(t.shape)}")
+    if weight.numel() == 0:
+        raise ValueError(f"weight must be non-empty, got {tuple(weight.shape)}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
     if weight.dtype != x.dtype or weight.device != x.device:
@@ -176,17 +185,14 @@ def check_linear(x, weight, norm_weight, swiglu, residual):
         raise ValueError(f"swiglu needs an even number of weight rows (gate then up), got {weight.shape[0]}")
     if x.stride(1) != 1 or not weight.is_contiguous():
         raise ValueError("x needs a contiguous last dimension and weight must be contiguous")
-    if norm_weight is not None and (not isinstance(norm_weight, torch.Tensor)
-                                    or norm_weight.shape != (x.shape[1],) or norm_weight.dtype != x.dtype
-                                    or norm_weight.device != x.device or not norm_weight.is_contiguous()):
-        raise ValueError(f"norm_weight must be a contiguous [{x.shape[1]}] {x.dtype} tensor on {x.device}, got "
-                         f"{getattr(norm_weight, 'shape', norm_weight)} {getattr(norm_weight, 'dtype', '')}")
+    if norm_weight is not None and (norm_weight.shape != (x.shape[1],) or norm_weight.dtype != x.dtype
+                                    or not norm_weight.is_contiguous()):
+        raise ValueError(f"norm_weight must be a contiguous [{x.shape[1]}] {x.dtype} tensor, got "
+                         f"{tuple(norm_weight.shape)} {norm_weight.dtype}")
     if residual is not None:
         if swiglu:
             raise ValueError("swiglu and residual cannot be combined")
         n = weight.shape[0]
-        if not isinstance(residual, torch.Tensor) or residual.shape != (x.shape[0], n) \
-                or residual.dtype != x.dtype or residual.device != x.device or residual.stride(1) != 1:
-            raise ValueError(f"residual must be a [{x.shape[0]}, {n}] {x.dtype} tensor on {x.device} with a "
-                             f"contiguous last dimension, got {getattr(residual, 'shape', residual)} "
-                             f"{getattr(residual, 'dtype', '')}")
+        if residual.shape != (x.shape[0], n) or residual.dtype != x.dtype or residual.stride(1) != 1:
+            raise ValueError(f"residual must be a [{x.shape[0]}, {n}] {x.dtype} tensor with a contiguous last "
+                             f"dimension, got {tuple(residual.shape)} {residual.dtype}")

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import round_to
-from .fused_linear import gemm_config, check_linear, norm_gemm_tile
+from ._common import check_eps, check_tensors, round_to
+from .fused_linear import check_linear, gemm_config, norm_gemm_tile
 from .rope_cache import check_rope_cache
 
 
@@ -82,11 +82,15 @@ def qkv_rope(x: torch.Tensor, wqkv: torch.Tensor, pos: torch.Tensor, table: torc
     -------
     q : [M, H, Dh] in ``x``'s dtype, rotated.
     """
+    check_tensors(x=x, wqkv=wqkv, pos=pos, table=table, k_cache=k_cache, v_cache=v_cache)
     check_linear(x, wqkv, norm_weight, False, None)
+    eps = check_eps(eps)
     M, K = x.shape
     check_rope_cache(wqkv.shape[0], M, pos, table, k_cache, v_cache, n_heads, n_kv_heads, x.dtype)
     half = table.shape[-1] // 2
     q = torch.empty(M, n_heads, 2 * half, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return q
     cfg = gemm_config(M, half, K, x.device)
     cfg["BLOCK_N"] = triton.next_power_of_2(half)
     if not cfg["USE_DOT"]:      # keep the multiply-reduce tile within the register budget of gemm_config
@@ -95,6 +99,6 @@ def qkv_rope(x: torch.Tensor, wqkv: torch.Tensor, pos: torch.Tensor, table: torc
     _qkv_rope_kernel[grid](
         x, x.stride(0), norm_weight if norm_weight is not None else x, wqkv, wqkv.stride(0), q, q.stride(0),
         pos, table, k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        M, K, float(eps), n_heads, n_kv_heads, half,
+        M, K, eps, n_heads, n_kv_heads, half,
         NORM=norm_weight is not None, IEEE=x.dtype == torch.float32, **cfg)
     return q

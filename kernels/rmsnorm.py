@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import num_sms, round_to
+from ._common import check_eps, check_tensors, num_sms, round_to
 
 
 @triton.jit
@@ -91,25 +91,31 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     (normed [M, D], sum [M, D]) in ``x``'s dtype; ``sum`` is the new residual stream.
     """
     _check(x, weight, residual)
+    eps = check_eps(eps)
     M, D = x.shape
     out = torch.empty_like(x)
     total = torch.empty_like(x) if residual is not None else x
+    if M == 0:
+        return out, total
     res = residual if residual is not None else x
     BLOCK = triton.next_power_of_2(D)
     _add_rmsnorm_kernel[(M,)](
         x, x.stride(0), res, res.stride(0), weight, out, out.stride(0), total, total.stride(0), out,
-        D, float(eps), HAS_RES=residual is not None, STORE_RSTD=False, BLOCK=BLOCK, num_warps=_num_warps(BLOCK))
+        D, eps, HAS_RES=residual is not None, STORE_RSTD=False, BLOCK=BLOCK, num_warps=_num_warps(BLOCK))
     return out, total
 
 
 def rmsnorm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weight * rmsnorm(x), rstd)`` for ``x`` [M, D]; ``rstd`` [M] float32 is what the backward needs."""
     _check(x, weight, None)
+    eps = check_eps(eps)
     M, D = x.shape
     out = torch.empty_like(x)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    if M == 0:
+        return out, rstd
     BLOCK = triton.next_power_of_2(D)
-    _add_rmsnorm_kernel[(M,)](x, x.stride(0), x, 0, weight, out, out.stride(0), x, 0, rstd, D, float(eps),
+    _add_rmsnorm_kernel[(M,)](x, x.stride(0), x, 0, weight, out, out.stride(0), x, 0, rstd, D, eps,
                               HAS_RES=False, STORE_RSTD=True, BLOCK=BLOCK, num_warps=_num_warps(BLOCK))
     return out, rstd
 
@@ -118,6 +124,8 @@ def rmsnorm_backward(dy, x, weight, rstd) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dx [M, D], dweight [D])`` of ``rmsnorm_forward``."""
     M, D = x.shape
     dx = torch.empty_like(x)
+    if M == 0:
+        return dx, torch.zeros_like(weight)
     progs = max(1, min(M, 4 * num_sms(x.device)))
     per = triton.cdiv(M, progs)
     progs = triton.cdiv(M, per)
@@ -147,6 +155,9 @@ class RMSNormFunction(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Differentiable RMSNorm on the Triton kernels; ``x`` [..., D] and ``weight`` [D] of one float dtype."""
+    check_tensors(x=x, weight=weight)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (the normalized one), got a 0-d tensor")
     return RMSNormFunction.apply(x, weight, eps)
 
 
@@ -158,8 +169,9 @@ def add_rmsnorm_reference(x, weight, eps, residual=None):
 
 
 def _check(x, weight, residual):
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"x must be a 2-D [M, D] tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    check_tensors(x=x, weight=weight, **({} if residual is None else {"residual": residual}))
+    if x.dim() != 2 or x.shape[1] == 0:
+        raise ValueError(f"x must be a 2-D [M, D] tensor with D > 0, got {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
     if x.stride(-1) != 1:
@@ -171,6 +183,4 @@ def _check(x, weight, residual):
                                  or residual.stride(-1) != 1):
         raise ValueError(f"residual must be [{x.shape[0]}, {x.shape[1]}] {x.dtype} with a contiguous last "
                          f"dim, got {tuple(residual.shape)} {residual.dtype}")
-    for name, t in (("weight", weight), ("residual", residual)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+

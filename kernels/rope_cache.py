@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import round_to
+from ._common import check_tensors, round_to
 
 
 @triton.jit
@@ -65,6 +65,9 @@ def rope_cache_update(qkv: torch.Tensor, pos: torch.Tensor, table: torch.Tensor,
     table : [S, Dh] float32 from ``rope_table``
     k_cache, v_cache : [B_max >= B, Hkv, S, Dh], model dtype, contiguous
     """
+    check_tensors(qkv=qkv, pos=pos, table=table, k_cache=k_cache, v_cache=v_cache)
+    if qkv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"qkv must be float32, bfloat16 or float16, got {qkv.dtype}")
     if qkv.dim() != 2 or qkv.stride(-1) != 1:
         raise ValueError(f"qkv must be 2-D [B, (H + 2*Hkv) * Dh] with a contiguous last dim, got "
                          f"{tuple(qkv.shape)}")
@@ -79,10 +82,12 @@ def rope_cache_update(qkv: torch.Tensor, pos: torch.Tensor, table: torch.Tensor,
 
 def check_rope_cache(width, B, pos, table, k_cache, v_cache, n_heads, n_kv_heads, dtype):
     """Checks shared with qkv_rope: ``width`` q/k/v columns for ``B`` rows, positions, table and caches."""
-    Dh = table.shape[-1] if isinstance(table, torch.Tensor) and table.dim() == 2 else None
-    if Dh is None or table.dtype != torch.float32 or not table.is_contiguous() or Dh % 2:
-        raise ValueError(f"table must be a contiguous [S, Dh] float32 tensor with even Dh, got "
+    check_tensors(pos=pos, table=table, k_cache=k_cache, v_cache=v_cache)
+    if table.dim() != 2 or table.dtype != torch.float32 or not table.is_contiguous() or table.shape[-1] % 2 \
+            or 0 in table.shape:
+        raise ValueError(f"table must be a contiguous, non-empty [S, Dh] float32 tensor with even Dh, got "
                          f"{tuple(table.shape)} {table.dtype}")
+    Dh = table.shape[-1]
     if width != (n_heads + 2 * n_kv_heads) * Dh:
         raise ValueError(f"qkv width must be (H + 2*Hkv) * Dh = {(n_heads + 2 * n_kv_heads) * Dh}, got {width}")
     if pos.shape != (B,) or pos.dtype != torch.int64:

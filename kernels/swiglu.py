@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import round_to
+from ._common import check_tensors, round_to
 
 
 @triton.jit
@@ -49,6 +49,8 @@ def _swiglu_bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, stride, I, BLOCK: t
 
 def _launch(g, u, out):
     M, I = out.shape
+    if out.numel() == 0:
+        return out
     BLOCK = min(2048, triton.next_power_of_2(I))
     _swiglu_kernel[(M, triton.cdiv(I, BLOCK))](g, g.stride(0), u, u.stride(0), out, out.stride(0), I,
                                                BLOCK=BLOCK, num_warps=4)
@@ -71,8 +73,9 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     -------
     [M, I] in ``gate_up``'s dtype.
     """
-    if not isinstance(gate_up, torch.Tensor) or gate_up.dim() != 2 or gate_up.shape[1] % 2:
-        raise ValueError(f"gate_up must be a 2-D [M, 2I] tensor, got {getattr(gate_up, 'shape', gate_up)}")
+    check_tensors(gate_up=gate_up)
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2:
+        raise ValueError(f"gate_up must be a 2-D [M, 2I] tensor, got {tuple(gate_up.shape)}")
     _check_float("gate_up", gate_up)
     if gate_up.stride(-1) != 1:
         raise ValueError("gate_up must have a contiguous last dimension")
@@ -102,6 +105,8 @@ class SiluMulFunction(torch.autograd.Function):
         dy2 = dy.reshape(g2.shape).contiguous()
         dg, du = torch.empty_like(g2), torch.empty_like(u2)
         M, I = g2.shape
+        if dg.numel() == 0:
+            return dg.view(dy.shape), du.view(dy.shape)
         BLOCK = min(2048, triton.next_power_of_2(I))
         _swiglu_bwd_kernel[(M, triton.cdiv(I, BLOCK))](dy2, g2, u2, dg, du, I, I, BLOCK=BLOCK, num_warps=4)
         return dg.view(dy.shape), du.view(dy.shape)
@@ -109,8 +114,8 @@ class SiluMulFunction(torch.autograd.Function):
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """Differentiable ``silu(gate) * up``; ``gate`` and ``up`` [..., I] of one shape and float dtype."""
-    if not isinstance(gate, torch.Tensor) or not isinstance(up, torch.Tensor) or gate.shape != up.shape \
-            or gate.dtype != up.dtype or gate.device != up.device:
+    check_tensors(gate=gate, up=up)
+    if gate.shape != up.shape or gate.dtype != up.dtype or gate.dim() == 0:
         raise ValueError(f"gate and up must be tensors of one shape, dtype and device, got "
                          f"{getattr(gate, 'shape', gate)} {getattr(gate, 'dtype', '')} and "
                          f"{getattr(up, 'shape', up)} {getattr(up, 'dtype', '')}")

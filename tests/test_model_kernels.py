@@ -272,6 +272,51 @@ def test_bad_inputs_raise_before_launch():
     _bad(lambda: rope_cache_update(qkv, pos.float(), table, k, k.clone(), 4, 2), ValueError, "pos")
 
 
+def test_launchers_reject_non_tensors_bad_eps_and_empty_dims():
+    f32 = dict(device=DEVICE, dtype=torch.float32)
+    x, w, nw = torch.randn(2, 8, **f32), torch.randn(6, 8, **f32), torch.ones(8, **f32)
+    _bad(lambda: fused_linear(None, w), TypeError, "x must be a torch.Tensor")
+    _bad(lambda: fused_linear(x, w, residual=0.0), TypeError, "residual")
+    _bad(lambda: fused_linear(x, w, swiglu="no"), TypeError, "swiglu")
+    _bad(lambda: fused_linear(x, w[:0]), ValueError, "non-empty")
+    _bad(lambda: add_rmsnorm(x, None, 1e-5), TypeError, "weight")
+    _bad(lambda: add_rmsnorm(x[:, :0], nw[:0], 1e-5), ValueError, "D > 0")
+    for eps in (float("nan"), -1.0, "a", True):
+        _bad(lambda: fused_linear(x, w, norm_weight=nw, eps=eps), ValueError, "eps")
+        _bad(lambda: add_rmsnorm(x, nw, eps), ValueError, "eps")
+    q, k = torch.randn(2, 4, 16, **f32), torch.randn(2, 2, 32, 16, **f32)
+    pos = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    _bad(lambda: decode_attention(q, k, k, [0, 0]), TypeError, "pos")
+    _bad(lambda: decode_attention(q[:, :0], k, k, pos), ValueError, r"H, Dh > 0")
+    _bad(lambda: decode_attention(q, k[:, :, :0], k[:, :, :0], pos), ValueError, "S > 0")
+    _bad(lambda: decode_attention(q, k, k, pos, chunk=0), ValueError, "chunk")
+    table, wqkv = torch.zeros(32, 16, **f32), torch.randn(8 * 16, 8, **f32)
+    _bad(lambda: rope_cache_update(torch.randn(2, 128, **f32), pos, table[:0], k[:, :, :0], k[:, :, :0], 4, 2),
+         ValueError, "non-empty")
+    _bad(lambda: rope_cache_update(torch.randn(2, 128, **f32).bool(), pos, table, k.bool(), k.bool(), 4, 2),
+         TypeError, "qkv")
+    _bad(lambda: qkv_rope(x, wqkv, pos, table[:0], k[:, :, :0], k[:, :, :0], 4, 2), ValueError, "non-empty")
+    _bad(lambda: qkv_rope(x, wqkv, pos, None, k, k.clone(), 4, 2), TypeError, "table")
+    _bad(lambda: qkv_rope(x, wqkv, pos, table, k, k.clone(), 4, 2, norm_weight=nw, eps=-1e-5), ValueError, "eps")
+    # empty batches: nothing to launch, results of the right shape
+    assert fused_linear(x[:0], w).shape == (0, 6)
+    assert swiglu(torch.randn(3, 0, **f32)).shape == (3, 0)
+    assert decode_attention(q[:0], k, k, pos[:0]).shape == (0, 64)
+    assert qkv_rope(x[:0], wqkv, pos[:0], table, k, k.clone(), 4, 2).shape == (0, 4, 16)
+    m, l, acc = decode_attention_partials(q[:0], k, k, pos[:0])
+    res = torch.zeros(0, 8, **f32)
+    assert attention_out_proj(m, l, acc, torch.ones(8, 64, **f32), res) is res
+
+
+def test_launchers_on_a_cpu_without_the_interpreter_say_so(monkeypatch):
+    import rtkern.kernels._common as common
+    monkeypatch.setattr(common, "interpreter_enabled", lambda: False)
+    x, w = torch.randn(2, 8), torch.randn(6, 8)
+    _bad(lambda: fused_linear(x, w), ValueError, "TRITON_INTERPRET")
+    _bad(lambda: add_rmsnorm(x, torch.ones(8), 1e-5), ValueError, "TRITON_INTERPRET")
+    _bad(lambda: swiglu(x), ValueError, "TRITON_INTERPRET")
+
+
 # -- the whole decode step ------------------------------------------------------------------------
 
 def _tiny(seed, **kw):
