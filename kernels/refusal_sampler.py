@@ -51,6 +51,13 @@ def _row_uniform(seed, position):
 
 
 @triton.jit
+def _over_t(d, t):
+    # d = logit - max <= 0, so d / t never reaches +inf, however small t is (z / t, then minus the max,
+    # overflowed to inf - inf = NaN). d == 0 stays 0 even if a subnormal t is flushed to zero.
+    return tl.where(d == 0, 0.0, d / t)
+
+
+@triton.jit
 def _tile_weights(logits_ptr, ctl_ptr, mask_ptr, offs, V, NUM_CTL: tl.constexpr, HAS_MASK: tl.constexpr):
     """Logits (fp32), ordinary-token flags and allowed flags of one tile."""
     inb = offs < V
@@ -76,7 +83,7 @@ def _partials_kernel(
     t0 = tl.program_id(1) * TILES_PER_PROG
     t1 = tl.minimum(t0 + TILES_PER_PROG, NT)
     temp = tl.load(temp_ptr + row)
-    inv_t = tl.where(temp > 0, 1.0 / tl.where(temp > 0, temp, 1.0), 1.0)
+    t_pos = tl.where(temp > 0, temp, 1.0)  # a greedy row's masses go unused
     row_logits = logits_ptr + row * logits_stride
     row_mask = mask_ptr + row * mask_stride
     plane = B * NT
@@ -91,8 +98,8 @@ def _partials_kernel(
         za = tl.where(allowed, z, float("-inf"))
         am = tl.max(za, 0)
         ai = t * BLOCK + tl.argmax(za, 0, tie_break_left=True)
-        am_s = tl.where(am == float("-inf"), 0.0, am) * inv_t
-        st = tl.sum(tl.where(allowed, tl.exp(za * inv_t - am_s), 0.0), 0)
+        am_s = tl.where(am == float("-inf"), 0.0, am)
+        st = tl.sum(tl.where(allowed, tl.exp(_over_t(za - am_s, t_pos)), 0.0), 0)
         tl.store(out + t, tl.where(bad > 0, float("nan"), m1))
         tl.store(out + plane + t, s1)
         tl.store(out + 2 * plane + t, am)
@@ -127,6 +134,8 @@ def _decide_sample_kernel(
     cid = tl.load(ctl_ptr + cix, mask=cin, other=0)
     zc = tl.load(row_logits + cid, mask=cin, other=NEG).to(tl.float32)
     zc += tl.load(bias_ptr + row * bias_stride + cix, mask=isref, other=0.0)
+    # A finite logit plus a finite bias can still overflow to +inf: that row is invalid like a +inf logit.
+    bad = bad | (tl.max(zc, 0) == float("inf"))
 
     # Rule 1: refusal probabilities over the full vocabulary at temperature 1.
     big_m = tl.maximum(tl.max(m1, 0), tl.max(zc, 0))
@@ -162,7 +171,7 @@ def _decide_sample_kernel(
         invalid = bad
     else:
         temp = tl.load(temp_ptr + row)
-        inv_t = tl.where(temp > 0, 1.0 / tl.where(temp > 0, temp, 1.0), 1.0)
+        t_pos = tl.where(temp > 0, temp, 1.0)
         am = tl.load(part + 2 * plane, mask=tin, other=NEG)
         ai = tl.load(part + 3 * plane, mask=tin, other=0.0).to(tl.int32)
         st = tl.load(part + 4 * plane, mask=tin, other=0.0)
@@ -174,9 +183,9 @@ def _decide_sample_kernel(
         g_ctl = tl.min(tl.where(zci == top, cid, 2147483647), 0)
         greedy_tok = tl.minimum(g_tile, g_ctl)
         # Sampling: inverse CDF over tile masses, then controls.
-        top_s = tl.where(top == NEG, 0.0, top) * inv_t
-        wt = tl.where(am > NEG, st * tl.exp(am * inv_t - top_s), 0.0)
-        wc = tl.where(zci > NEG, tl.exp(zci * inv_t - top_s), 0.0)
+        top_s = tl.where(top == NEG, 0.0, top)
+        wt = tl.where(am > NEG, st * tl.exp(_over_t(am - top_s, t_pos)), 0.0)
+        wc = tl.where(zci > NEG, tl.exp(_over_t(zci - top_s, t_pos)), 0.0)
         cum_t = tl.cumsum(wt, 0)
         mass_t = tl.max(cum_t, 0)
         cum_c = mass_t + tl.cumsum(wc, 0)
@@ -195,7 +204,7 @@ def _decide_sample_kernel(
             offs = t_sel * BLOCK + tl.arange(0, BLOCK)
             z, inb, ordinary, allowed = _tile_weights(row_logits, ctl_ptr, mask_ptr + row * mask_stride,
                                                       offs, V, NUM_CTL, HAS_MASK)
-            w = tl.where(allowed, tl.exp(z * inv_t - top_s), 0.0)
+            w = tl.where(allowed, tl.exp(_over_t(z - top_s, t_pos)), 0.0)
             cw = tl.cumsum(w, 0)
             hit = tl.min(tl.where(cw > target - before, offs, 2147483647), 0)
             last = tl.max(tl.where(w > 0, offs, -1), 0)

@@ -51,7 +51,8 @@ def refusal_probs_reference(logits: torch.Tensor, spec: RefusalSpec, logit_bias=
         lse = torch.logaddexp(torch.logsumexp(rest, 1), torch.logsumexp(zr, 1))
     else:
         lse = torch.logsumexp(z, 1)
-    bad = _bad_rows(z)
+    # A finite logit plus a finite bias can overflow to +inf: invalid like a +inf logit.
+    bad = _bad_rows(z) | (zr == float("inf")).any(1)
     p = torch.exp(zr - lse[:, None])
     return torch.where(bad[:, None], torch.full_like(p, float("nan")), p).float()
 
@@ -103,9 +104,10 @@ def sample_reference(logits: torch.Tensor, spec: RefusalSpec, controls: RefusalC
     greedy_tok = torch.where(allowed & (cand == top[:, None]), order, big).min(1).values
 
     t = controls.temperature
-    inv_t = torch.where(t > 0, 1.0 / torch.where(t > 0, t, 1.0), 1.0).to(torch.float32).to(dtype)
     top_safe = torch.where(top == float("-inf"), 0.0, top)
-    w = torch.where(allowed, torch.exp(zz * inv_t[:, None] - (top_safe * inv_t)[:, None]), 0.0)
+    # (z - max) / T <= 0: z / T alone overflows to +inf for a tiny T or a huge logit (inf - inf = NaN).
+    d = zz - top_safe[:, None]
+    w = torch.where(allowed, torch.exp(torch.where(d == 0, 0.0, d / torch.where(t > 0, t, 1.0).to(dtype)[:, None])), 0.0)
     cum = torch.cumsum(w, 1)
     target = row_uniform(controls.seed, controls.position).to(dtype) * cum[:, -1]
     j = torch.searchsorted(cum, target[:, None].contiguous(), right=True)[:, 0]
@@ -115,7 +117,7 @@ def sample_reference(logits: torch.Tensor, spec: RefusalSpec, controls: RefusalC
 
     forced = torch.where(refuse, rid[best], torch.where(respond, spec.respond_id or 0, -1))
     tok = torch.where(forced >= 0, forced, torch.where(t > 0, sampled, greedy_tok))
-    invalid = _bad_rows(z) | ((forced < 0) & (top == float("-inf")))
+    invalid = _bad_rows(zb) | ((forced < 0) & (top == float("-inf")))
     drawn_cat = (tok[:, None] == rid[None, :]).int().argmax(1)
     drew_refusal = include_ctl & (tok[:, None] == rid[None, :]).any(1)
     refused = torch.where(refuse, best, torch.where(drew_refusal, drawn_cat, -1))

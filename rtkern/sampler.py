@@ -11,7 +11,7 @@ import torch
 
 from .kernels._common import triton_runs_on
 from .kernels.refusal_sampler import refusal_sample_launch
-from .reference import _bad_rows, decide, refusal_probs_reference, sample_reference
+from .reference import decide, refusal_probs_reference, sample_reference
 from .spec import RefusalControls, RefusalSpec, SampleOutput, unpack_vocab_mask
 
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -163,7 +163,7 @@ def _decide_torch(logits, spec, controls) -> SampleOutput:
     refuse, best, respond = decide(probs, controls, spec.respond_id is not None)
     rid = torch.tensor(spec.refusal_ids, device=logits.device)
     tok = torch.where(refuse, rid[best], torch.where(respond, spec.respond_id or 0, -1))
-    bad = _bad_rows(logits.float())
+    bad = torch.isnan(probs).any(1)  # exactly the invalid rows, the biased overflow included
     return SampleOutput(torch.where(bad, -1, tok).long(), probs,
                         torch.where(bad, -2, torch.where(refuse, best, -1)).int())
 

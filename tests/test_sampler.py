@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, ON_GPU
-from rtkern import RefusalControls, RefusalSpec, SampleOutput, pack_vocab_mask, refusal_sample
+from rtkern import RefusalControls, RefusalSpec, SampleOutput, apply_refusal_, pack_vocab_mask, refusal_sample
 from rtkern.kernels.refusal_sampler import refusal_sample_launch
 from rtkern.reference import row_uniform, sample_reference
 
@@ -320,6 +320,39 @@ def test_invalid_rows(backend):
     assert int(out.tokens[4]) == 3 and int(out.refused[4]) == 0
     assert 90 <= int(out.tokens[5]) < 100
     assert torch.isnan(out.refusal_probs[:3]).all() and not torch.isnan(out.refusal_probs[3:]).any()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("scale, temperature", [(1.0, 1e-40), (1e36, 1e-3), (3e37, 1e-30), (1.0, 1e38)])
+def test_extreme_temperatures_and_logits_do_not_overflow(backend, scale, temperature):
+    # logit / T overflowed to +inf and inf - inf = NaN sampled token 0 instead of the argmax (id 2).
+    spec = RefusalSpec([3, 4], respond_id=5)
+    z = torch.tensor([[0.0, 1.0, 5.0, 2.0, 0.0, 0.0, -1.0], [0.0, 1.0, 5.0, 2.0, 0.0, 0.0, -1.0]]) * scale
+    controls = RefusalControls.build(2, 2, DEVICE, temperature=temperature, first_step=torch.tensor([False, True]),
+                                     mode="free", seed=torch.tensor([1, 2]))
+    out = refusal_sample(z.to(DEVICE), spec, controls, backend=backend)
+    if temperature < 1:
+        assert out.tokens.tolist() == [2, 2] and out.refused.tolist() == [-1, -1]
+    else:  # T = 1e38: every allowed token is about equally likely, still a valid draw
+        assert 0 <= int(out.tokens[0]) < 7 and int(out.tokens[0]) not in (3, 4, 5)
+    # The refusal probabilities are taken at temperature 1, whatever the row's temperature.
+    ones = RefusalControls.build(2, 2, DEVICE, first_step=torch.tensor([False, True]), mode="free")
+    ref = refusal_sample(z.to(DEVICE), spec, ones, backend=backend).refusal_probs
+    assert not torch.isnan(out.refusal_probs).any()
+    torch.testing.assert_close(out.refusal_probs, ref)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_logit_plus_bias_overflowing_to_inf_is_an_invalid_row(backend):
+    spec = RefusalSpec([3, 4], respond_id=5)
+    z = torch.zeros(2, 7)
+    z[:, 3] = 3e38
+    controls = RefusalControls.build(2, 2, DEVICE, logit_bias=torch.tensor([[1e38, 0.0], [-1e38, 0.0]]), mode="free")
+    out = refusal_sample(z.to(DEVICE), spec, controls, backend=backend)
+    assert out.tokens.tolist() == [-1, 3] and out.refused.tolist() == [-2, 0]
+    assert torch.isnan(out.refusal_probs[0]).all() and not torch.isnan(out.refusal_probs[1]).any()
+    applied = apply_refusal_(z.to(DEVICE), spec, controls, backend=backend)
+    assert applied.tokens.tolist() == [-1, -1] and applied.refused.tolist() == [-2, -1]
 
 
 def test_greedy_with_all_allowed_at_minus_inf_is_invalid():
