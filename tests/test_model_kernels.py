@@ -84,19 +84,19 @@ def test_fused_linear_adds_into_residual_in_place_and_reads_strided_rows():
     torch.testing.assert_close(res, want, **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("args,kw,err", [
-    ((torch.ones(2, 8), torch.ones(4, 7)), {}, ValueError),                               # K mismatch
-    ((torch.ones(2, 8), torch.ones(4, 8, dtype=torch.float16)), {}, TypeError),           # dtype mismatch
-    ((torch.ones(2, 8, dtype=torch.int32), torch.ones(4, 8, dtype=torch.int32)), {}, TypeError),
-    ((torch.ones(8), torch.ones(4, 8)), {}, ValueError),                                  # 1-D x
-    ((torch.ones(2, 8), torch.ones(5, 8)), dict(swiglu=True), ValueError),                # odd gate/up rows
-    ((torch.ones(2, 8), torch.ones(4, 8)), dict(norm_weight=torch.ones(7)), ValueError),
-    ((torch.ones(2, 8), torch.ones(4, 8)), dict(residual=torch.ones(2, 5)), ValueError),
-    ((torch.ones(2, 8), torch.ones(4, 8)), dict(residual=torch.ones(2, 2), swiglu=True), ValueError),
-    ((torch.ones(2, 8), torch.ones(8, 4).t()), {}, ValueError),                           # non-contiguous weight
+@pytest.mark.parametrize("args,kw,err,match", [
+    ((torch.ones(2, 8), torch.ones(4, 7)), {}, ValueError, r"weight must be \[N, 8\]"),
+    ((torch.ones(2, 8), torch.ones(4, 8, dtype=torch.float16)), {}, TypeError, "weight must match x"),
+    ((torch.ones(2, 8, dtype=torch.int32), torch.ones(4, 8, dtype=torch.int32)), {}, TypeError, "x must be float"),
+    ((torch.ones(8), torch.ones(4, 8)), {}, ValueError, "x must be a 2-D"),
+    ((torch.ones(2, 8), torch.ones(5, 8)), dict(swiglu=True), ValueError, "even number"),
+    ((torch.ones(2, 8), torch.ones(4, 8)), dict(norm_weight=torch.ones(7)), ValueError, "norm_weight"),
+    ((torch.ones(2, 8), torch.ones(4, 8)), dict(residual=torch.ones(2, 5)), ValueError, "residual must be"),
+    ((torch.ones(2, 8), torch.ones(4, 8)), dict(residual=torch.ones(2, 2), swiglu=True), ValueError, "combined"),
+    ((torch.ones(2, 8), torch.ones(8, 4).t()), {}, ValueError, "contiguous"),
 ])
-def test_fused_linear_rejects_bad_input(args, kw, err):
-    with pytest.raises(err):
+def test_fused_linear_rejects_bad_input(args, kw, err, match):
+    with pytest.raises(err, match=match):
         fused_linear(*(a.to(DEVICE) for a in args), **{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v
                                                         for k, v in kw.items()})
 

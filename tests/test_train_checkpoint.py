@@ -94,17 +94,24 @@ def test_atomic_replace_and_failed_write_keeps_old(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c"]        # no temp dirs left
 
 
-def test_trainer_state_loads_without_pickle(tmp_path):
+def test_trainer_state_loads_without_pickle(tmp_path, monkeypatch):
     model, tok, ctrl = _prepared(tmp_path, True, "single")
     opt = torch.optim.AdamW(model.parameters())
     model(torch.tensor([[1, 2, 3]])).sum().backward()
     opt.step()
     d = ck.save_checkpoint(tmp_path / "c", model, tok, ctrl, state={"step": 5},
                            tensors={"optimizer": opt.state_dict(), "rng_cpu": torch.get_rng_state()})
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: loads.append(kw.get("weights_only")) or real_load(*a, **kw))
     state, tensors = ck.load_trainer_state(d)
+    assert loads == [True]
     assert state["step"] == 5 and set(tensors) == {"optimizer", "rng_cpu"}
     opt2 = torch.optim.AdamW(model.parameters())
     opt2.load_state_dict(tensors["optimizer"])
+    for k, v in opt.state_dict()["state"][0].items():
+        torch.testing.assert_close(opt2.state_dict()["state"][0][k], v, rtol=0, atol=0)
+    torch.testing.assert_close(tensors["rng_cpu"], torch.get_rng_state(), rtol=0, atol=0)
     with pytest.raises(FileNotFoundError, match="not a resumable"):
         ck.load_trainer_state(tmp_path / "base")
 

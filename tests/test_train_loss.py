@@ -76,13 +76,13 @@ def test_empty_and_tied_weight_grads():
 
 def test_bad_input():
     h, w, y = _inputs()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="hidden must be"):
         chunked_cross_entropy(h, w[:, :3], y)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="targets must be"):
         chunked_cross_entropy(h, w, y[:3])
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="targets must be int64"):
         chunked_cross_entropy(h, w, y.int())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="chunk"):
         chunked_cross_entropy(h, w, y, chunk=0)
     with pytest.raises(ValueError, match="token_weight"):
         chunked_cross_entropy(h, w, y, token_weight=torch.ones(3))

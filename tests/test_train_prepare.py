@@ -29,8 +29,13 @@ def test_add_control_tokens_resizes_and_inits_from_mean(tmp_path, tie):
             torch.testing.assert_close(w[r], mean)
     # text never produces the new ids; the model runs with the new vocabulary
     assert not set(tok.encode("[refuse] [respond] [Incomplete requests]")) & set(tok.control_ids)
-    assert model(torch.tensor([[1, ctrl.respond_id]])).shape == (1, 2, V)
-    assert {p.data_ptr() for p in model.parameters()} >= {model.embed_tokens.weight.data_ptr()}
+    logits = model(torch.tensor([[1, ctrl.respond_id]]))
+    assert logits.shape == (1, 2, V)
+    # the new rows train: a loss on the control tokens reaches them through the input and the output side
+    (logits[..., list(ctrl.refusal_ids)].sum() + logits[..., ctrl.respond_id].sum()).backward()
+    for w in (model.embed_tokens.weight, model.lm_head.weight):
+        assert w.grad is not None and w.grad[ctrl.respond_id].abs().sum() > 0
+    assert all(model.lm_head.weight.grad[r].abs().sum() > 0 for r in ctrl.refusal_ids)
 
 
 def test_single_scheme_and_idempotent(tmp_path):
