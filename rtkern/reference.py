@@ -107,7 +107,8 @@ def sample_reference(logits: torch.Tensor, spec: RefusalSpec, controls: RefusalC
     top_safe = torch.where(top == float("-inf"), 0.0, top)
     # (z - max) / T <= 0: z / T alone overflows to +inf for a tiny T or a huge logit (inf - inf = NaN).
     d = zz - top_safe[:, None]
-    w = torch.where(allowed, torch.exp(torch.where(d == 0, 0.0, d / torch.where(t > 0, t, 1.0).to(dtype)[:, None])), 0.0)
+    d = torch.where(d == 0, 0.0, d / torch.where(t > 0, t, 1.0).to(dtype)[:, None])
+    w = torch.where(allowed, torch.exp(d), 0.0)
     cum = torch.cumsum(w, 1)
     target = row_uniform(controls.seed, controls.position).to(dtype) * cum[:, -1]
     j = torch.searchsorted(cum, target[:, None].contiguous(), right=True)[:, 0]
