@@ -18,6 +18,9 @@ _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_TRITON_VOCAB = 1 << 24  # tile argmax ids travel as exact float32
 
 
+_SCORING = object()  # `controls` of refusal_probs, which takes none
+
+
 def _check(logits, spec, controls, out, backend) -> str:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
@@ -33,7 +36,7 @@ def _check(logits, spec, controls, out, backend) -> str:
     if not isinstance(spec, RefusalSpec):
         raise TypeError(f"spec must be a RefusalSpec, got {type(spec).__name__}")
     spec.check_vocab(V)
-    if controls is not None:
+    if controls is not _SCORING:
         if not isinstance(controls, RefusalControls):
             raise TypeError(f"controls must be RefusalControls, got {type(controls).__name__}")
         controls.check(B, spec.num_categories, V, logits.device)
@@ -68,6 +71,10 @@ def _check_out_fully(out, B, C, device) -> None:
     for name, shape, dtype in (("tokens", (B,), torch.int64), ("refusal_probs", (B, C), torch.float32),
                                ("refused", (B,), torch.int32)):
         t = getattr(out, name)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"out.{name} must be a {dtype} tensor of shape {list(shape)}, got {type(t).__name__}")
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"out.{name} is written in place: it must not require grad")
         if tuple(t.shape) != shape or t.dtype != dtype or t.device != device or not t.is_contiguous():
             raise ValueError(f"out.{name} must be a contiguous {dtype} tensor of shape {list(shape)} on "
                              f"{device}, got {t.dtype} {list(t.shape)} on {t.device}")
@@ -140,7 +147,7 @@ def refusal_probs(logits: torch.Tensor, spec: RefusalSpec, *, logit_bias: Option
     logits : [B, V] float; logit_bias : optional float32 [B, C]. Returns float32 [B, C]
     (NaN on rows with NaN/+inf logits or all -inf).
     """
-    backend = _check(logits, spec, None, None, backend)
+    backend = _check(logits, spec, _SCORING, None, backend)
     B, C = logits.shape[0], spec.num_categories
     if logit_bias is not None and not isinstance(logit_bias, torch.Tensor):
         raise TypeError(f"logit_bias must be a float32 [{B}, {C}] tensor, got {type(logit_bias).__name__}")
@@ -182,6 +189,16 @@ def apply_refusal_(logits: torch.Tensor, spec: RefusalSpec, controls: RefusalCon
     """
     backend = _check(logits, spec, controls, None, backend)
     B, V = logits.shape
+    # Both would fail halfway through the writes below, after the kernel ran and some rows changed.
+    if B > 1 and logits.stride(0) < V:
+        raise ValueError(f"apply_refusal_ writes logits in place: rows must not overlap, got shape "
+                         f"{list(logits.shape)} with strides {list(logits.stride())} (an expand()? pass a copy)")
+    if logits.requires_grad and torch.is_grad_enabled():
+        raise ValueError("apply_refusal_ writes logits in place: pass a tensor that does not require grad "
+                         "(detach() it, or call under torch.no_grad())")
+    if logits.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError("apply_refusal_ writes logits in place: an inference tensor can be written only "
+                         "under torch.inference_mode()")
     if backend == "torch":
         res = _decide_torch(logits, spec, controls)
     else:

@@ -86,6 +86,7 @@ def _replace(**fields):
 
 BAD_CONTROLS = [
     ("not controls", lambda: {"thresholds": 0.5}, TypeError, r"controls must be RefusalControls, got dict"),
+    ("None", lambda: None, TypeError, r"controls must be RefusalControls, got NoneType"),
     # "meta" stands in for a second device: the check compares devices and never reads the values.
     ("other device", _replace(seed=torch.zeros(B, dtype=torch.int64, device="meta")), ValueError,
      r"controls.seed is on meta, logits on " + DEVICE.type),
@@ -159,7 +160,11 @@ def _out(tokens=(B,), probs=(B, C), refused=(B,), tdtype=torch.int64, pdtype=tor
      r"out.refusal_probs must be a contiguous torch.float32 .*got torch.float16"),
     (_out(rdtype=torch.int64), ValueError, r"out.refused must be a contiguous torch.int32 .*got torch.int64"),
     (tuple(_out()), TypeError, r"out must be a SampleOutput, got tuple"),
-], ids=["tokens shape", "tokens dtype", "probs shape", "probs dtype", "refused dtype", "tuple"])
+    (SampleOutput(None, None, None), TypeError,
+     r"out.tokens must be a torch.int64 tensor of shape \[2\], got NoneType"),
+    (_out()._replace(refusal_probs=torch.empty(B, C, device=DEVICE, requires_grad=True)), ValueError,
+     r"out.refusal_probs is written in place: it must not require grad"),
+], ids=["tokens shape", "tokens dtype", "probs shape", "probs dtype", "refused dtype", "tuple", "Nones", "grad"])
 def test_bad_out_is_rejected(no_launch, backend, out, exc, match):
     with pytest.raises(exc, match=match):
         refusal_sample(good_logits(), SPEC, good_controls(), out=out, backend=backend)
@@ -221,6 +226,21 @@ def test_spec_check_vocab_bounds():
         spec.check_vocab(10)
     with pytest.raises(ValueError, match=r"\[9, 10\] are out of range for a vocabulary of 9"):
         spec.check_vocab(9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda: torch.randn(1, V, device=DEVICE).expand(B, V), ValueError,
+     r"rows must not overlap, got shape \[2, 40\] with strides \[0, 1\]"),
+    (lambda: torch.randn(B, V, device=DEVICE, requires_grad=True), ValueError, r"does not require grad"),
+    (lambda: torch.randn(B, V, device=DEVICE).requires_grad_()[:, :], ValueError, r"does not require grad"),
+    (lambda: torch.inference_mode()(torch.randn)(B, V, device=DEVICE), ValueError,
+     r"an inference tensor can be written only"),
+], ids=["stride 0", "leaf with grad", "view with grad", "inference tensor"])
+def test_apply_refusal_rejects_logits_it_cannot_write_in_place(no_launch, backend, make, exc, match):
+    # These used to pass the checks, launch, and fail halfway through the writes.
+    with pytest.raises(exc, match=match):
+        apply_refusal_(make(), SPEC, good_controls(), backend=backend)
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
