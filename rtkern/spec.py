@@ -155,19 +155,32 @@ class SampleOutput(NamedTuple):
 
 
 def _as_tensor(name: str, value, dtype: torch.dtype, device) -> torch.Tensor:
+    if isinstance(value, (list, tuple)) and len(value):
+        # Let torch infer the dtype, so that floats given for ints and bools for numbers are caught below.
+        value = _tensor(name, value, None)
     if isinstance(value, torch.Tensor):
+        if value.is_complex():
+            raise TypeError(f"{name} must be real, got a {value.dtype} tensor")
         if value.is_floating_point() and not dtype.is_floating_point:
             raise TypeError(f"{name} must hold integers, got a {value.dtype} tensor")
         if value.dtype == torch.bool and dtype != torch.bool:
             raise TypeError(f"{name} must be numeric, got a bool tensor")
         return value.detach().to(device=device, dtype=dtype)
-    if isinstance(value, (list, tuple)):
-        return torch.tensor(value, dtype=dtype, device=device)
-    if isinstance(value, (bool, int, float)):
+    if isinstance(value, bool) and dtype != torch.bool:
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, (bool, int, float, list, tuple)):
         if isinstance(value, float) and not dtype.is_floating_point:
             raise TypeError(f"{name} must be an int, got {value!r}")
-        return torch.tensor(value, dtype=dtype, device=device)
+        return _tensor(name, value, dtype).to(device)
     raise TypeError(f"{name} must be a scalar, a sequence or a tensor, got {type(value).__name__}")
+
+
+def _tensor(name: str, value, dtype) -> torch.Tensor:
+    try:
+        return torch.tensor(value, dtype=dtype)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:  # ragged, non-numeric, out of range
+        raise ValueError(f"{name} must be numbers that fit {dtype or 'a tensor'}, "
+                         f"got {str(value)[:80]} ({e})") from None
 
 
 def _per_row(name, value, batch, dtype, device) -> torch.Tensor:
@@ -198,10 +211,14 @@ def _modes(value, batch, device) -> torch.Tensor:
         if unknown:
             raise ValueError(f"mode must be one of {list(MODES)}, got {unknown[0]!r}")
         value = [MODES[m] for m in value]
-    t = _per_row("mode", value, batch, torch.int32, device)
+    t = _per_row("mode", value, batch, torch.int64, device)  # int64 first: a cast would wrap 2**32 to 0
+    _check_modes(t)
+    return t.to(torch.int32)
+
+
+def _check_modes(t: torch.Tensor) -> None:
     if t.numel() and (int(t.min()) < 0 or int(t.max()) > 2):
         raise ValueError(f"mode codes must be 0 (category), 1 (sum) or 2 (free), got {t.tolist()}")
-    return t
 
 
 def _check_values(thresholds, logit_bias, temperature) -> None:
@@ -220,7 +237,9 @@ class RefusalControls:
 
     thresholds : float32 [B, C]    refusal threshold per category (``sum`` mode reads column 0)
     logit_bias : float32 [B, C]    added to each refusal token's logit before everything else
-    mode : int32 [B]               0 ``category``, 1 ``sum``, 2 ``free`` (see DESIGN.md)
+    mode : int32 [B]               0 ``category``, 1 ``sum``, 2 ``free`` (see DESIGN.md); ``build`` and
+                                   ``update_`` check the codes, the sampler only on CPU tensors (on a GPU
+                                   reading them would sync): other codes are undefined
     temperature : float32 [B]      0 = greedy
     first_step : bool [B]          True on the first generated position (the refusal decision)
     seed, position : int64 [B]     randomness key; the same (seed, position) gives the same draw
@@ -338,6 +357,8 @@ class RefusalControls:
                 raise ValueError(f"controls.{name} is on {t.device}, logits on {device}")
             if t.shape[-1] > 1 and t.stride(-1) != 1:
                 raise ValueError(f"controls.{name} must be contiguous in its last dim")
+        if self.mode.device.type == "cpu" and not torch.compiler.is_compiling():
+            _check_modes(self.mode)  # free on the CPU; on a GPU it would wait for the device
 
 
 def _check_mask(mask, batch: int, device) -> torch.Tensor:

@@ -267,10 +267,28 @@ def test_apply_refusal_rejects_logits_it_cannot_write_in_place(no_launch, backen
     (dict(vocab_mask=torch.zeros(3, 2, dtype=torch.int32)), ValueError,
      r"vocab_mask must be \[2, ceil\(V/32\)\], got \[3, 2\]"),
     (dict(vocab_mask=[[0, 1]] * B), TypeError, r"vocab_mask must be an int32 tensor, got list"),
+    (dict(thresholds=True), TypeError, r"thresholds must be a number, got True"),
+    (dict(temperature=True), TypeError, r"temperature must be a number, got True"),
+    (dict(thresholds=torch.tensor([0.5 + 1j, 0.5])), TypeError, r"thresholds must be real, got a torch.complex64"),
+    (dict(temperature=[1 + 1j, 1.0]), TypeError, r"temperature must be real, got a torch.complex64"),
+    (dict(mode=2**40), ValueError, r"mode codes must be 0 \(category\), 1 \(sum\) or 2 \(free\), got \[1099511627776"),
+    (dict(mode=torch.tensor([0, 2**32])), ValueError, r"mode codes must be .*got \[0, 4294967296\]"),
+    (dict(seed=2**70), ValueError, r"seed must be numbers that fit torch.int64, got 1180591620717411303424"),
+    (dict(seed=[1.7, 2.0]), TypeError, r"seed must hold integers, got a torch.float32 tensor"),
+    (dict(position=[True, False]), TypeError, r"position must be numeric, got a bool tensor"),
+    (dict(thresholds=[[0.1, 0.2], [0.3]]), ValueError, r"thresholds must be numbers that fit a tensor"),
 ])
 def test_bad_control_values_are_rejected_by_build(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         RefusalControls.build(B, C, DEVICE, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unknown_mode_code_in_cpu_controls_is_rejected(no_launch, backend):
+    # Controls built directly skip build's value checks; on the CPU the sampler can read the codes for free.
+    controls = dataclasses.replace(RefusalControls.build(B, C), mode=torch.tensor([0, 7], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"mode codes must be 0 \(category\), 1 \(sum\) or 2 \(free\), got \[0, 7\]"):
+        refusal_sample(good_logits().cpu(), SPEC, controls, backend=backend if not ON_GPU else "torch")
 
 
 @pytest.mark.parametrize("batch", [0, -1, 1.5, True, "2", None])
