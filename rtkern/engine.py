@@ -9,16 +9,20 @@ synchronisation; the host reads tokens back only every ``check_every`` steps (EO
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from numbers import Integral, Real
+from typing import Optional, Union
 
 import torch
 
 from . import fused_decode
 from .adapters._common import per_category
 from .kernels._common import triton_runs_on
+from .model import Transformer
 from .sampler import refusal_sample
-from .spec import RefusalControls, RefusalSpec, SampleOutput
+from .spec import MODES, RefusalControls, RefusalSpec, SampleOutput
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 
@@ -52,8 +56,21 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
-        if any(not isinstance(s, str) or not s for s in self.stop):
+        if not isinstance(self.stop, Sequence) or any(not isinstance(s, str) or not s for s in self.stop):
             raise TypeError(f"stop must be a sequence of non-empty strings, got {self.stop!r}")
+        # Checked here, not left to float()/int() later: those would accept "0.7" and truncate a seed of 1.7.
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, Real):
+            raise TypeError(f"temperature must be a real number, got {self.temperature!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {self.temperature!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, Integral):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        if not -2**63 <= self.seed < 2**63:
+            raise ValueError(f"seed must fit in int64, got {self.seed!r}")
+        if not isinstance(self.mode, str) or self.mode not in MODES:
+            raise ValueError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
 
 
 @dataclass
@@ -104,9 +121,21 @@ class Engine:
     def __init__(self, model, tokenizer, spec: Optional[RefusalSpec] = None, *, max_batch: int = 32,
                  cuda_graphs: Optional[bool] = None, compile: bool = False, check_every: int = 16,
                  sampler_backend: Optional[str] = None, kernels: str = "torch"):
+        if not isinstance(model, Transformer):
+            raise TypeError(f"model must be an rtkern.model.Transformer, got {type(model).__name__}")
+        if spec is not None and not isinstance(spec, RefusalSpec):
+            raise TypeError(f"spec must be a RefusalSpec or None, got {type(spec).__name__}")
+        if spec is None and tokenizer is None:
+            raise TypeError("without a tokenizer the engine cannot find the control tokens: pass spec=RefusalSpec(...)")
+        for name, v in (("max_batch", max_batch), ("check_every", check_every)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if sampler_backend not in (None, "triton", "torch"):
+            raise ValueError(f"sampler_backend must be 'triton', 'torch' or None, got {sampler_backend!r}")
         p = model.embed_tokens.weight
         self.model, self.tok, self.device = model.eval(), tokenizer, p.device
         self.spec = spec if spec is not None else _spec_from_tokenizer(tokenizer)
+        self.spec.check_vocab(model.args.vocab_size)
         self.max_batch, self.check_every, self.backend = max_batch, check_every, sampler_backend
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
@@ -124,21 +153,39 @@ class Engine:
         """Generate for each prompt (text rendered with the chat template when ``chat``, or token ids)."""
         if isinstance(prompts, (str, dict)):
             raise TypeError("prompts must be a list of prompts, got a single prompt; wrap it in a list")
+        if not isinstance(prompts, Sequence):
+            raise TypeError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
         params = _per_request(params, len(prompts))
+        for p in {id(p): p for p in params}.values():
+            _request_controls(p, self.spec)  # every request's values, before any batch runs
         ids = [self.encode(p, chat=chat) for p in prompts]
+        empty = [i for i, x in enumerate(ids) if not x]
+        if empty:
+            raise ValueError(f"prompts {empty} encode to no tokens")
         out: list[GenerationResult] = []
         for lo in range(0, len(ids), self.max_batch):
             out += self._generate_batch(ids[lo:lo + self.max_batch], params[lo:lo + self.max_batch])
         return out
 
     def encode(self, prompt: Prompt, *, chat: bool = True) -> list[int]:
-        if isinstance(prompt, str) and self.tok is None:
+        if isinstance(prompt, torch.Tensor):
+            if prompt.dim() != 1 or prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
+                raise TypeError(f"a tensor prompt must be a 1-D integer tensor of token ids, got {prompt.dtype} "
+                                f"of shape {list(prompt.shape)}")
+            prompt = prompt.tolist()
+        if not isinstance(prompt, Sequence):
+            raise TypeError(f"a prompt must be a string, a list of token ids or a list of chat messages, "
+                            f"got {type(prompt).__name__}")
+        if (isinstance(prompt, str) or prompt and isinstance(prompt[0], dict)) and self.tok is None:
             raise TypeError("this engine has no tokenizer: prompts must be token-id lists")
         if isinstance(prompt, str):
             msgs = [{"role": "user", "content": prompt}]
             return self.tok.apply_chat_template(msgs) if chat else self.tok.encode(prompt)
         if prompt and isinstance(prompt[0], dict):
             return self.tok.apply_chat_template(list(prompt))
+        bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, Integral)]
+        if bad:
+            raise TypeError(f"token-id prompts must hold ints, got {bad[0]!r} ({type(bad[0]).__name__})")
         ids = [int(t) for t in prompt]
         if not ids or min(ids) < 0 or max(ids) >= self.model.args.vocab_size:
             raise ValueError(f"token-id prompts must be non-empty ids in [0, {self.model.args.vocab_size}), got {ids[:8]}...")
@@ -248,8 +295,8 @@ class _DecodeSlot:
         self.controls.update_(
             thresholds=torch.stack([_row("thresholds", p.thresholds, engine.spec, 0.5) for p in rows]),
             logit_bias=torch.stack([_row("logit_bias", p.logit_bias, engine.spec, 0.0) for p in rows]),
-            mode=[p.mode for p in rows], temperature=[float(p.temperature) for p in rows],
-            seed=[int(p.seed) for p in rows], position=[len(x) for x in ids] + [0] * pad)
+            mode=[p.mode for p in rows], temperature=[p.temperature for p in rows],
+            seed=[p.seed for p in rows], position=[len(x) for x in ids] + [0] * pad)
         self.pos.copy_(self.controls.position)
 
 
@@ -335,16 +382,27 @@ def _per_request(params, n: int) -> list[SamplingParams]:
         return [SamplingParams()] * n
     if isinstance(params, SamplingParams):
         return [params] * n
+    if not isinstance(params, Sequence) or not all(isinstance(p, SamplingParams) for p in params):
+        raise TypeError(f"params must be one SamplingParams or a list of them, got {type(params).__name__}")
     params = list(params)
-    if len(params) != n or not all(isinstance(p, SamplingParams) for p in params):
+    if len(params) != n:
         raise ValueError(f"params must be one SamplingParams or a list of {n}, got {len(params)} items")
     return params
 
 
 def _row(name: str, value, spec: RefusalSpec, default: float) -> torch.Tensor:
-    v = per_category(name, value, spec, default)
-    t = torch.as_tensor(v, dtype=torch.float32).expand(spec.num_categories)
-    return t.clone()
+    t = torch.as_tensor(per_category(name, value, spec, default), dtype=torch.float32)
+    C = spec.num_categories
+    if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != C):
+        raise ValueError(f"{name} of one request must be a number or a list of {C} (one per category in "
+                         f"{list(spec.names)}), got shape {list(t.shape)}")
+    return t.expand(C).clone()
+
+
+def _request_controls(p: SamplingParams, spec: RefusalSpec) -> RefusalControls:
+    return RefusalControls.build(1, spec.num_categories, thresholds=_row("thresholds", p.thresholds, spec, 0.5),
+                                 logit_bias=_row("logit_bias", p.logit_bias, spec, 0.0), mode=p.mode,
+                                 temperature=p.temperature, seed=p.seed)
 
 
 def _spec_from_tokenizer(tok) -> RefusalSpec:

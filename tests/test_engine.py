@@ -131,6 +131,77 @@ def test_bad_requests_raise(engine):
         engine.generate(["a"], SamplingParams(thresholds=float("nan")))
 
 
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda: SamplingParams(seed=1.7), TypeError, r"seed must be an int, got 1.7"),
+    (lambda: SamplingParams(seed=2**70), ValueError, r"seed must fit in int64"),
+    (lambda: SamplingParams(temperature="0.7"), TypeError, r"temperature must be a real number, got '0.7'"),
+    (lambda: SamplingParams(temperature=True), TypeError, r"temperature must be a real number, got True"),
+    (lambda: SamplingParams(temperature=float("nan")), ValueError, r"temperature must be finite and >= 0"),
+    (lambda: SamplingParams(mode=None), ValueError, r"mode must be one of \['category', 'sum', 'free'\], got None"),
+    (lambda: SamplingParams(stop=None), TypeError, r"stop must be a sequence of non-empty strings, got None"),
+])
+def test_bad_sampling_params_raise(make, exc, match):
+    with pytest.raises(exc, match=match):
+        make()
+
+
+@pytest.mark.parametrize("prompt,params,exc,match", [
+    ("a", SamplingParams(thresholds=[0.1, 0.2, 0.3]), ValueError,
+     r"thresholds of one request must be a number or a list of 1 .*got shape \[3\]"),
+    ("a", SamplingParams(thresholds=[[0.5]]), ValueError, r"thresholds of one request .*got shape \[1, 1\]"),
+    ("a", SamplingParams(logit_bias=torch.zeros(2, 1)), ValueError, r"logit_bias of one request .*got shape \[2, 1\]"),
+    ([3.7, 4.2], None, TypeError, r"token-id prompts must hold ints, got 3.7 \(float\)"),
+    ([True, False], None, TypeError, r"token-id prompts must hold ints, got True \(bool\)"),
+    (torch.tensor([[1, 2]]), None, TypeError, r"a tensor prompt must be a 1-D integer tensor .*shape \[1, 2\]"),
+    (torch.tensor([1.0, 2.0]), None, TypeError, r"a tensor prompt must be a 1-D integer tensor"),
+    (None, None, TypeError, r"a prompt must be a string, a list of token ids or a list of chat messages, got NoneType"),
+    ("a", {"temperature": 0.5}, TypeError, r"params must be one SamplingParams or a list of them, got dict"),
+])
+def test_bad_prompts_and_per_request_values_raise(engine, prompt, params, exc, match):
+    with pytest.raises(exc, match=match):
+        engine.generate([prompt], params)
+
+
+def test_a_bad_request_fails_before_any_batch_runs(engine, monkeypatch):
+    # With max_batch=4 the first chunk would otherwise run before the fifth request's thresholds fail.
+    monkeypatch.setattr(engine, "_generate_batch", lambda *a: pytest.fail("a batch ran"))
+    params = [SamplingParams()] * 4 + [SamplingParams(thresholds=[0.1, 0.2])]
+    with pytest.raises(ValueError, match=r"thresholds of one request"):
+        engine.generate(PROMPTS + ["x"], params)
+
+
+def test_tensor_prompt_equals_list_prompt(engine):
+    ids = engine.encode("hello world")
+    p = SamplingParams(max_new_tokens=3, thresholds=2.0)
+    assert engine.generate([torch.tensor(ids)], p)[0].tokens == engine.generate([ids], p)[0].tokens
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(max_batch=0), ValueError, r"max_batch must be a positive int, got 0"),
+    (dict(max_batch=-1), ValueError, r"max_batch must be a positive int, got -1"),
+    (dict(max_batch=1.5), ValueError, r"max_batch must be a positive int, got 1.5"),
+    (dict(check_every=0), ValueError, r"check_every must be a positive int, got 0"),
+    (dict(sampler_backend="cuda"), ValueError, r"sampler_backend must be 'triton', 'torch' or None, got 'cuda'"),
+    (dict(spec=[3]), TypeError, r"spec must be a RefusalSpec or None, got list"),
+    (dict(spec=rtkern.RefusalSpec([10**6])), ValueError, r"control token ids \[1000000\] are out of range"),
+    (dict(model=None), TypeError, r"model must be an rtkern.model.Transformer, got NoneType"),
+    (dict(tokenizer=None), TypeError, r"without a tokenizer .* pass spec=RefusalSpec"),
+])
+def test_bad_engine_arguments_raise(loaded, kwargs, exc, match):
+    model, tok, _ = loaded
+    args = dict(model=model, tokenizer=tok) | kwargs
+    with pytest.raises(exc, match=match):
+        Engine(args.pop("model"), args.pop("tokenizer"), **args)
+
+
+def test_tiny_temperature_samples_the_argmax(engine):
+    # logit / T used to overflow to inf - inf = NaN and draw token 0 (EOS here) instead of the argmax.
+    ids = engine.encode("hello world")
+    greedy = engine.generate([ids], SamplingParams(max_new_tokens=4, thresholds=2.0))[0].tokens
+    tiny = engine.generate([ids], SamplingParams(max_new_tokens=4, thresholds=2.0, temperature=1e-40))[0].tokens
+    assert tiny == greedy
+
+
 def test_more_prompts_than_max_batch(engine):
     prompts = PROMPTS * 2 + ["hello"]
     got = engine.generate(prompts, SamplingParams(max_new_tokens=4, thresholds=2.0))
