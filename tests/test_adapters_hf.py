@@ -299,6 +299,11 @@ def test_bad_arguments(hf, prompts):
         generate(hf, prompts, RefusalLogitsProcessor(SPEC, thresholds=torch.zeros(3, 3)), max_new_tokens=1)
     with pytest.raises(ValueError, match="out of range for a vocabulary"):
         RefusalLogitsProcessor(RefusalSpec([400]))(prompts, torch.zeros(8, V))
+    # A later position only masks the control tokens, which checked no ids (IndexError).
+    later = RefusalLogitsProcessor(SPEC, prompt_length=prompts.shape[1])
+    later(prompts, torch.zeros(8, V))
+    with pytest.raises(ValueError, match="out of range for a vocabulary of 301"):
+        later(torch.cat([prompts, prompts[:, :1]], 1), torch.zeros(8, 301))
     with pytest.raises(TypeError, match="floating point"):
         RefusalLogitsProcessor(SPEC)(prompts, torch.zeros(8, V, dtype=torch.int64))
 

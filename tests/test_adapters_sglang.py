@@ -87,6 +87,9 @@ def test_validation_and_bad_input():
         bound()(make_logits(1), [req(), req()])
     with pytest.raises(TypeError, match="logits"):
         bound()(torch.zeros(4, dtype=torch.int64), [req()])
+    # No row at its first position: only the masking runs, and it checked no ids (IndexError).
+    with pytest.raises(ValueError, match=r"control token ids \[41, 42, 43\] are out of range for a vocabulary of 41"):
+        bound()(torch.zeros(2, 41), None)
 
 
 def test_sglang_base_class_and_serialisation():

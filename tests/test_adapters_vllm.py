@@ -190,3 +190,23 @@ def test_state_rejects_bad_defaults():
     for bad in (torch.zeros(2, V, dtype=torch.int64), torch.zeros(V), [[0.0] * V]):
         with pytest.raises(TypeError, match="floating"):
             st.apply(bad)
+
+
+def test_logits_too_narrow_for_the_control_ids_are_rejected():
+    # With no row at its first position, apply used to index_fill_ out of range (IndexError).
+    st = rv.RefusalBatchState(SPEC)
+    with pytest.raises(ValueError, match=r"control token ids \[41, 42, 43\] are out of range for a vocabulary of 41"):
+        st.apply(torch.zeros(2, 41))
+    st.add(0, params(), [])
+    with pytest.raises(ValueError, match=r"out of range for a vocabulary of 41"):
+        st.apply(torch.zeros(2, 41))
+
+
+@pytest.mark.parametrize("index", [-1, 1.0, True, None])
+def test_bad_row_index_is_rejected_on_add_and_move(index):
+    st = rv.RefusalBatchState(SPEC)
+    with pytest.raises(ValueError, match=r"index must be a persistent-batch row \(an int >= 0\)"):
+        st.add(index, params(), [])
+    with pytest.raises(ValueError, match=r"dst must be a persistent-batch row"):
+        st.move(0, index, False)
+    assert st.requests == {} and st.apply(make_logits(2)).isinf().sum() == 8

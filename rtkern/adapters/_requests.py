@@ -101,11 +101,13 @@ def _overlay(name: str, value, spec: RefusalSpec, base: list[float]) -> list[flo
     return _row(per_category(name, value, spec, 0.0), spec.num_categories, name)
 
 
-def check_logits(logits) -> None:
-    """TypeError unless ``logits`` is a floating ``[R, V]`` tensor."""
+def check_logits(logits, spec: RefusalSpec) -> None:
+    """TypeError unless ``logits`` is a floating ``[R, V]`` tensor; ValueError unless V covers the control ids."""
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
         raise TypeError(f"logits must be a floating [R, V] tensor, got "
                         f"{getattr(logits, 'dtype', type(logits).__name__)} {list(getattr(logits, 'shape', []))}")
+    # Rows past their first position only get index_fill_, which checks nothing before the kernel runs.
+    spec.check_vocab(logits.shape[1])
 
 
 def refuse_rows(logits: torch.Tensor, spec: RefusalSpec, rows: Sequence[int], controls: Sequence[RowControls],

@@ -168,6 +168,7 @@ class RefusalLogitsProcessor(_Base):
                              f"{list(input_ids.shape)} and {list(scores.shape)}")
         if not scores.is_floating_point():
             raise TypeError(f"scores must be floating point, got {scores.dtype}")
+        self.spec.check_vocab(scores.shape[1])  # later positions only index_fill, which checks nothing
         if self._starts_generation(input_ids):
             return self._first_step(input_ids, scores)
         self._resolve_pending(input_ids)

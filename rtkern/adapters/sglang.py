@@ -85,7 +85,7 @@ class RefusalLogitProcessor(_SGLangBase):
         if spec is None:
             raise ValueError("RefusalLogitProcessor has no spec: build it with "
                              "rtkern.adapters.sglang.make_logit_processor(spec)")
-        check_logits(logits)
+        check_logits(logits, spec)
         params = list(custom_param_list) if custom_param_list is not None else [None] * logits.shape[0]
         if len(params) != logits.shape[0]:
             raise ValueError(f"custom_param_list has {len(params)} entries for {logits.shape[0]} logits rows")

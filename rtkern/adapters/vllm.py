@@ -133,6 +133,7 @@ class RefusalBatchState:
     # -- batch bookkeeping ---------------------------------------------------------------------------
     def add(self, index: int, params, output_ids: Sequence[int]) -> None:
         """Track the request now at row ``index`` (``params``: its SamplingParams, or None)."""
+        _check_index("index", index)
         self.remove(index)
         if params is None:  # not a sampling request: its row stays untracked (control tokens masked)
             return
@@ -153,6 +154,8 @@ class RefusalBatchState:
         self._waiting.discard(index)
 
     def move(self, src: int, dst: int, swap: bool) -> None:
+        _check_index("src", src)
+        _check_index("dst", dst)
         a, b = self.requests.pop(src, None), self.requests.pop(dst, None)
         wa, wb = src in self._waiting, dst in self._waiting
         self._waiting.discard(src)
@@ -188,7 +191,7 @@ class RefusalBatchState:
         logits : float [R, V]
             One row per persistent-batch row; modified in place and returned.
         """
-        check_logits(logits)
+        check_logits(logits, self.spec)
         R = logits.shape[0]
         first = sorted(i for i in self._waiting if i < R and len(self.requests[i].output_ids) == 0)
         # Once a row has an output token it never returns to its first position (until re-added).
@@ -203,6 +206,12 @@ class RefusalBatchState:
         if self.pin_memory and torch.device(device).type == "cuda":
             return t.pin_memory().to(device, non_blocking=True)
         return t.to(device)
+
+
+def _check_index(name: str, index) -> None:
+    # A negative row would index the logits from the end in apply, long after the bad update.
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"{name} must be a persistent-batch row (an int >= 0), got {index!r}")
 
 
 def _unpack_added(item) -> tuple[int, Any, Sequence[int]]:
