@@ -132,7 +132,11 @@ def _decide_sample_kernel(
     cin = cix < NUM_CTL
     isref = cix < NUM_REF
     cid = tl.load(ctl_ptr + cix, mask=cin, other=0)
-    zc = tl.load(row_logits + cid, mask=cin, other=NEG).to(tl.float32)
+    # The launcher cannot check the id values without a device sync: an id outside the vocabulary is
+    # never read, and makes the row invalid instead of yielding an out-of-range token.
+    cok = (cid >= 0) & (cid < V)
+    bad = bad | (tl.max((cin & ~cok).to(tl.int32), 0) > 0)
+    zc = tl.load(row_logits + cid, mask=cin & cok, other=NEG).to(tl.float32)
     zc += tl.load(bias_ptr + row * bias_stride + cix, mask=isref, other=0.0)
     # A finite logit plus a finite bias can still overflow to +inf: that row is invalid like a +inf logit.
     bad = bad | (tl.max(zc, 0) == float("inf"))
@@ -228,10 +232,67 @@ def default_block(dtype: torch.dtype, device: torch.device) -> int:
     return 2048 if dtype.itemsize <= 2 else 1024
 
 
+_MAX_VOCAB = 1 << 24  # tile argmax ids travel as exact float32
+
+
 def refusal_sample_launch(logits, ctl_ids, num_refusal, thresholds, logit_bias, mode, temperature,
                           first_step, seed, position, vocab_mask, tokens, probs, refused,
                           decide_only=False, block=None, splits=None):
-    """Launch both stages. All arguments are already validated tensors on one device."""
+    """Launch both stages on the tensors `rtkern.RefusalControls` and `SampleOutput` describe.
+
+    ``ctl_ids`` is int32 ``[num_refusal]`` or ``[num_refusal + 1]`` (refusal ids, then respond). Shapes,
+    dtypes, devices and strides are checked here (ValueError/TypeError); values are not, since reading
+    them would wait on the device: a control id outside ``[0, V)`` makes every row invalid (token -1,
+    refused -2) rather than read out of bounds, and other value checks are `RefusalControls.build`'s.
+    """
+    _check_launch(logits, ctl_ids, num_refusal, thresholds, logit_bias, mode, temperature, first_step, seed,
+                  position, vocab_mask, tokens, probs, refused, block, splits)
+    refusal_sample_launch_prechecked(logits, ctl_ids, num_refusal, thresholds, logit_bias, mode, temperature,
+                                     first_step, seed, position, vocab_mask, tokens, probs, refused,
+                                     decide_only, block, splits)
+
+
+def _check_launch(logits, ctl_ids, num_refusal, thresholds, logit_bias, mode, temperature, first_step, seed,
+                  position, vocab_mask, tokens, probs, refused, block, splits) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"logits must be a [B, V] tensor, got {getattr(logits, 'shape', type(logits).__name__)}")
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    B, V = logits.shape
+    if B == 0 or not 0 < V < _MAX_VOCAB or logits.stride(1) != 1:
+        raise ValueError(f"logits must be non-empty with V < {_MAX_VOCAB} and unit stride in V, got shape "
+                         f"{list(logits.shape)}, strides {list(logits.stride())}")
+    if isinstance(num_refusal, bool) or not isinstance(num_refusal, int) or num_refusal < 1:
+        raise ValueError(f"num_refusal must be a positive int, got {num_refusal!r}")
+    C = num_refusal
+    expect = [("ctl_ids", ctl_ids, None, torch.int32), ("thresholds", thresholds, (B, C), torch.float32),
+              ("logit_bias", logit_bias, (B, C), torch.float32), ("mode", mode, (B,), torch.int32),
+              ("temperature", temperature, (B,), torch.float32), ("first_step", first_step, (B,), torch.bool),
+              ("seed", seed, (B,), torch.int64), ("position", position, (B,), torch.int64),
+              ("tokens", tokens, (B,), torch.int64), ("probs", probs, (B, C), torch.float32),
+              ("refused", refused, (B,), torch.int32)]
+    if vocab_mask is not None:
+        expect.append(("vocab_mask", vocab_mask, (B, triton.cdiv(V, 32)), torch.int32))
+    for name, t, shape, dtype in expect:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a {dtype} tensor, got {type(t).__name__}")
+        if shape is None:  # ctl_ids: the refusal ids, then at most one respond id
+            shape = (C,) if t.numel() == C else (C + 1,)
+        if tuple(t.shape) != shape or t.dtype != dtype or t.device != logits.device:
+            raise ValueError(f"{name} must be {dtype} {list(shape)} on {logits.device}, got {t.dtype} "
+                             f"{list(t.shape)} on {t.device}")
+        if t.shape[-1] > 1 and t.stride(-1) != 1:  # the kernels step through the last dim with unit stride
+            raise ValueError(f"{name} must be contiguous in its last dim, got strides {list(t.stride())}")
+    if block is not None and (not isinstance(block, int) or block < 16 or block & (block - 1)):
+        raise ValueError(f"block must be a power of two >= 16 or None, got {block!r}")
+    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"splits must be a positive int or None, got {splits!r}")
+
+
+def refusal_sample_launch_prechecked(logits, ctl_ids, num_refusal, thresholds, logit_bias, mode, temperature,
+                                     first_step, seed, position, vocab_mask, tokens, probs, refused,
+                                     decide_only=False, block=None, splits=None):
+    """`refusal_sample_launch` without its checks, for callers that ran the same checks (rtkern.sampler)."""
     B, V = logits.shape
     block = block or default_block(logits.dtype, logits.device)
     nt = triton.cdiv(V, block)

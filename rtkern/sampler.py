@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from .kernels._common import triton_runs_on
-from .kernels.refusal_sampler import refusal_sample_launch
+from .kernels.refusal_sampler import refusal_sample_launch_prechecked
 from .reference import decide, refusal_probs_reference, sample_reference
 from .spec import RefusalControls, RefusalSpec, SampleOutput, unpack_vocab_mask
 
@@ -87,7 +87,7 @@ def _launch(logits, spec, controls, out, decide_only):
     if torch.compiler.is_compiling():
         torch.ops.rtkern.refusal_sample(*args)
     else:
-        refusal_sample_launch(*args)  # skip custom-op dispatch in eager: it costs more than the kernel
+        refusal_sample_launch_prechecked(*args)  # no custom-op dispatch in eager: it costs more than the kernel
 
 
 def refusal_sample(logits: torch.Tensor, spec: RefusalSpec, controls: RefusalControls, *,

@@ -355,6 +355,48 @@ def test_logit_plus_bias_overflowing_to_inf_is_an_invalid_row(backend):
     assert applied.tokens.tolist() == [-1, -1] and applied.refused.tolist() == [-2, -1]
 
 
+def _launch_args(B=2, V=40, C=2, respond=True):
+    spec = RefusalSpec([3, 5][:C], 7 if respond else None)
+    c = RefusalControls.build(B, C, DEVICE, first_step=False)
+    out = SampleOutput.empty(B, C, DEVICE)
+    return dict(logits=torch.randn(B, V, device=DEVICE), ctl_ids=spec.ids_tensor(DEVICE), num_refusal=C,
+                thresholds=c.thresholds, logit_bias=c.logit_bias, mode=c.mode, temperature=c.temperature,
+                first_step=c.first_step, seed=c.seed, position=c.position, vocab_mask=None, tokens=out.tokens,
+                probs=out.refusal_probs, refused=out.refused)
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (dict(logits=torch.randn(2, 40, dtype=torch.float64)), TypeError, r"float16, got torch.float64"),
+    (dict(logits=torch.randn(40, 2).t()), ValueError, r"unit stride in V"),
+    (dict(num_refusal=3), ValueError, r"thresholds must be torch.float32 \[2, 3\]"),
+    (dict(num_refusal=0), ValueError, r"num_refusal must be a positive int, got 0"),
+    (dict(ctl_ids=torch.tensor([3, 5, 7, 9], dtype=torch.int32)), ValueError, r"ctl_ids must be torch.int32 \[3\]"),
+    (dict(ctl_ids=torch.tensor([3, 5, 7])), ValueError, r"ctl_ids must be torch.int32 \[3\].*got torch.int64"),
+    (dict(seed=torch.zeros(3, dtype=torch.int64)), ValueError, r"seed must be torch.int64 \[2\]"),
+    (dict(probs=torch.empty(2, 4)[:, ::2]), ValueError, r"probs must be contiguous in its last dim"),
+    (dict(vocab_mask=torch.zeros(2, 1, dtype=torch.int32)), ValueError, r"vocab_mask must be torch.int32 \[2, 2\]"),
+    (dict(tokens=None), TypeError, r"tokens must be a torch.int64 tensor, got NoneType"),
+    (dict(block=100), ValueError, r"block must be a power of two >= 16"),
+])
+def test_raw_launcher_checks_metadata(change, exc, match):
+    args = _launch_args() | {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in change.items()}
+    block = args.pop("block", None)
+    with pytest.raises(exc, match=match):
+        refusal_sample_launch(**args, block=block)
+
+
+def test_raw_launcher_turns_out_of_vocabulary_ids_into_invalid_rows():
+    # Checking the id values would sync with the device: the kernel neither reads them nor emits them.
+    args = _launch_args()
+    args["ctl_ids"] = torch.tensor([3, 5, 400], dtype=torch.int32, device=DEVICE)
+    refusal_sample_launch(**args)
+    assert args["tokens"].tolist() == [-1, -1] and args["refused"].tolist() == [-2, -2]
+    assert torch.isnan(args["probs"]).all()
+    args = _launch_args()
+    refusal_sample_launch(**args)
+    assert (args["tokens"] >= 0).all() and (args["refused"] == -1).all()
+
+
 def test_greedy_with_all_allowed_at_minus_inf_is_invalid():
     spec = RefusalSpec([0])
     z = torch.randn(1, 64)

@@ -40,7 +40,7 @@ def no_launch(monkeypatch):
     """Make any compute path fail loudly, so a check that runs too late shows up as an AssertionError."""
     def launched(*args, **kwargs):
         raise AssertionError("a kernel or the reference ran before the bad input was rejected")
-    for name in ("refusal_sample_launch", "sample_reference", "refusal_probs_reference", "_decide_torch"):
+    for name in ("refusal_sample_launch_prechecked", "sample_reference", "refusal_probs_reference", "_decide_torch"):
         monkeypatch.setattr(sampler_mod, name, launched)
 
 
