@@ -190,15 +190,27 @@ def test_sampling_never_emits_control_tokens_after_the_first_position(hf, prompt
         assert no_controls(out[:, L + 1:])
 
 
-def test_free_mode_samples_controls_and_reports_the_drawn_category(hf, prompts):
+def test_free_mode_samples_controls_and_reports_the_drawn_category(prompts):
+    # One prompt drawn N times inside generate: each control token's share must follow the model's softmax.
+    # A larger control gain gives the controls enough mass for a chi-square test with a few hundred draws.
+    hf, N, prompt = _tiny_llama(control_gain=20.0), 600, prompts[4:5]
     torch.manual_seed(3)
     proc = RefusalLogitsProcessor(SPEC, mode="free")
-    out = generate(hf, prompts, proc, do_sample=True, top_k=0, max_new_tokens=4, num_return_sequences=4)
+    out = generate(hf, prompt, proc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                   max_new_tokens=2, num_return_sequences=N)
     first = out[:, L]
     drawn = torch.tensor([REFUSE.index(t) if t in REFUSE else -1 for t in first.tolist()], dtype=torch.int32)
     torch.testing.assert_close(proc.refused, drawn)
-    assert (drawn >= 0).any() or (first == RESPOND).any(), "free rows should draw control tokens sometimes"
     assert no_controls(out[:, L + 1:])
+    p = torch.softmax(first_logits(hf, prompt)[0].double(), 0)
+    tested = [t for t in CONTROL if p[t] * N >= 5]  # the rest fall into the "other" bin
+    assert len(tested) >= 3, "the tiny model should give most control tokens some mass"
+    expect = torch.tensor([p[t].item() for t in tested] + [1 - p[tested].sum().item()]) * N
+    seen = torch.tensor([(first == t).sum().item() for t in tested] + [0.0])
+    seen[-1] = N - seen[:-1].sum()
+    chi2 = float(((seen - expect) ** 2 / expect).sum())
+    critical = {2: 18.5, 3: 21.2, 4: 23.5}[len(tested)]  # p=1e-4
+    assert chi2 < critical, (chi2, seen.tolist(), expect.tolist())
 
 
 def test_free_mode_decision_pending_until_the_next_step(hf, prompts):

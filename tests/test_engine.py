@@ -85,7 +85,7 @@ def test_same_seed_same_tokens_whatever_the_batch(engine):
     alone = engine.generate([PROMPTS[1]], p)[0].tokens
     mixed = engine.generate([PROMPTS[3], PROMPTS[1], PROMPTS[0]],
                             [SamplingParams(temperature=0.5, seed=5), p, SamplingParams(seed=2)])[1].tokens
-    assert alone == mixed[:len(alone)] and len(mixed) >= len(alone)
+    assert alone == mixed
 
 
 def test_greedy_matches_transformers_generate(engine, loaded):
@@ -109,7 +109,7 @@ def test_stop_strings_eos_and_length(engine):
     stop = base.text[1:3]
     cut = engine.generate(["hello world"], SamplingParams(max_new_tokens=16, thresholds=2.0, stop=[stop]))[0]
     assert cut.finish_reason == "stop" and cut.text == base.text[:base.text.find(stop)]
-    assert cut.tokens == base.tokens[:len(cut.tokens)] and len(cut.tokens) < len(base.tokens) + 1
+    assert cut.tokens == base.tokens[:len(cut.tokens)] and len(cut.tokens) < len(base.tokens)
     one = engine.generate(["hello world"], SamplingParams(max_new_tokens=1))[0]
     assert len(one.tokens) == 1 and one.finish_reason in ("length", "eos")
 
