@@ -15,7 +15,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -60,7 +63,7 @@ def compile_only(arch: int, sms: int, log: list):
         t0 = time.perf_counter()
         kernel = saved_run(self, *args, grid=grid, warmup=True, **kwargs)
         log.append((self.fn.__name__, kernel.metadata.num_warps, kernel.metadata.shared,
-                    time.perf_counter() - t0))
+                    time.perf_counter() - t0, kernel))
         return kernel
 
     saved_driver = driver._active  # not driver.active: with no GPU, making the default one raises
@@ -150,10 +153,22 @@ def compile_all(arch: int = 90, full: bool = False, sms: int = 132) -> list:
     return log
 
 
+def registers_and_stack(kernel) -> tuple[int, int]:
+    """(registers per thread, local-memory stack bytes: spills) of a compiled kernel, read by cuobjdump."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"REG:(\d+)", out).group(1)), int(re.search(r"STACK:(\d+)", out).group(1))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
     p.add_argument("--full", action="store_true", help="all float dtypes, more batch sizes, the 8B trainer shapes")
+    p.add_argument("--resources", action="store_true", help="also registers and spill bytes per kernel variant")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     log = compile_all(a.arch, a.full)
@@ -164,6 +179,9 @@ def main(argv=None) -> int:
         rows = [r for r in log if r[0] == n]
         print(f"  {n:28s} {len(rows):3d} launches, shared memory <= {max(r[2] for r in rows):6d} B, "
               f"warps {sorted({r[1] for r in rows})}")
+        if a.resources:  # one line per distinct binary
+            for regs, stack in sorted({registers_and_stack(r[4]) for r in rows}):
+                print(f"    {regs:3d} registers, {stack:3d} B stack{'  <- spills' if stack else ''}")
     return 0
 
 
