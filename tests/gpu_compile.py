@@ -1,14 +1,15 @@
 """Compile every rtkern Triton kernel for an NVIDIA GPU on a machine that has none.
 
 The CPU tests run the kernels through Triton's interpreter, which accepts code the GPU compiler rejects
-(``tl.dot`` below 16 rows, mismatched layouts, unsupported casts) and never runs ptxas. This script drives
+(``tl.dot`` with K below 8, mixed operand dtypes) and never runs ptxas. This script drives
 the real launchers with the shapes the engine and trainer use (SmolLM2-135M and Llama-3-8B, decode and
 training batches) through a stand-in driver: each launch is bound and specialised by Triton exactly as on
 a GPU, then compiled down to a cubin for the target (warm-up mode), and nothing runs. A kernel that
 would fail to compile on an H100 fails here.
 
-Run it without ``TRITON_INTERPRET``: ``python tests/gpu_compile.py [--arch 90] [--full]``. ``--full`` adds
-fp16/fp32 and more batch sizes; the default set is what ``tests/test_gpu_compile.py`` runs.
+Run it without ``TRITON_INTERPRET``: ``python tests/gpu_compile.py [--arch 90] [--full] [--resources]``.
+``--full`` adds fp16/fp32, more batch sizes and the 8B trainer shapes; the default set is what
+``tests/test_gpu_compile.py`` runs. ``--resources`` prints each binary's registers and stack (spill) bytes.
 """
 from __future__ import annotations
 
@@ -60,10 +61,8 @@ def compile_only(arch: int, sms: int, log: list):
     saved = [(m, name, getattr(m, name)) for m, name in saved]
 
     def run(self, *args, grid, warmup, **kwargs):
-        t0 = time.perf_counter()
         kernel = saved_run(self, *args, grid=grid, warmup=True, **kwargs)
-        log.append((self.fn.__name__, kernel.metadata.num_warps, kernel.metadata.shared,
-                    time.perf_counter() - t0, kernel))
+        log.append((self.fn.__name__, kernel))
         return kernel
 
     saved_driver = driver._active  # not driver.active: with no GPU, making the default one raises
@@ -134,7 +133,7 @@ def training_launches(D: int, I: int, dtype: torch.dtype, tokens: int):
 
 
 def compile_all(arch: int = 90, full: bool = False, sms: int = 132) -> list:
-    """Compile every kernel launch of the engine and trainer for ``sm_<arch>``; the launch log."""
+    """Compile every kernel launch of the engine and trainer for ``sm_<arch>``; the (name, kernel) log."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("run without TRITON_INTERPRET=1: the interpreter replaces the compiler")
     dtypes = [torch.bfloat16, torch.float16, torch.float32] if full else [torch.bfloat16]
@@ -172,15 +171,15 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     log = compile_all(a.arch, a.full)
-    names = sorted({n for n, *_ in log})
+    names = sorted({n for n, _ in log})
     print(f"triton {triton.__version__}: {len(log)} launches of {len(names)} kernels compiled for sm_{a.arch} "
           f"in {time.perf_counter() - t0:.0f} s")
     for n in names:
-        rows = [r for r in log if r[0] == n]
-        print(f"  {n:28s} {len(rows):3d} launches, shared memory <= {max(r[2] for r in rows):6d} B, "
-              f"warps {sorted({r[1] for r in rows})}")
+        kernels = [k for name, k in log if name == n]
+        print(f"  {n:28s} {len(kernels):3d} launches, shared memory <= "
+              f"{max(k.metadata.shared for k in kernels):6d} B, warps {sorted({k.metadata.num_warps for k in kernels})}")
         if a.resources:  # one line per distinct binary
-            for regs, stack in sorted({registers_and_stack(r[4]) for r in rows}):
+            for regs, stack in sorted({registers_and_stack(k) for k in kernels}):
                 print(f"    {regs:3d} registers, {stack:3d} B stack{'  <- spills' if stack else ''}")
     return 0
 
