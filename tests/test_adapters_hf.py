@@ -10,6 +10,7 @@ import torch
 
 from rtkern import RefusalControls, RefusalSpec, refusal_probs, refusal_sample
 from rtkern.adapters.hf import PENDING, RefusalLogitsProcessor
+from test_sampler import chi2_critical
 
 transformers = pytest.importorskip("transformers")
 
@@ -209,8 +210,7 @@ def test_free_mode_samples_controls_and_reports_the_drawn_category(prompts):
     seen = torch.tensor([(first == t).sum().item() for t in tested] + [0.0])
     seen[-1] = N - seen[:-1].sum()
     chi2 = float(((seen - expect) ** 2 / expect).sum())
-    critical = {2: 18.5, 3: 21.2, 4: 23.5}[len(tested)]  # p=1e-4
-    assert chi2 < critical, (chi2, seen.tolist(), expect.tolist())
+    assert chi2 < chi2_critical(len(tested)), (chi2, seen.tolist(), expect.tolist())
 
 
 def test_free_mode_decision_pending_until_the_next_step(hf, prompts):

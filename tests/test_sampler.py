@@ -139,7 +139,8 @@ def test_out_buffers_are_filled_in_place():
     for backend in ("triton", "torch"):
         want = refusal_sample(logits, spec, controls, backend=backend)
         out = SampleOutput.empty(6, 2, DEVICE)
-        out.tokens.fill_(-7), out.refusal_probs.fill_(float("nan")), out.refused.fill_(-7)
+        for t, garbage in zip(out, (-7, float("nan"), -7)):
+            t.fill_(garbage)
         res = refusal_sample(logits, spec, controls, out=out, backend=backend)
         assert all(a is b for a, b in zip(res, out))
         assert torch.equal(out.tokens, want.tokens) and torch.equal(out.refused, want.refused)
