@@ -169,6 +169,24 @@ def test_bf16_cast_keeps_fp32_rope():
     assert m(torch.tensor([[1, 2, 3]])).dtype == torch.bfloat16
 
 
+def test_bf16_logits_are_as_close_to_fp32_as_transformers_bf16(pair):
+    # Both bf16 models against fp32 on the same bf16-rounded weights: ours may not round more than theirs.
+    hf, ours = pair
+    sd = {k: v for k, v in ours.state_dict().items() if not (ours.args.tie_word_embeddings and k == "lm_head.weight")}
+    ours16 = build_model(ours.args, sd, device="cpu", dtype=torch.bfloat16)
+    ref = build_model(ours.args, {k: v.bfloat16().float() for k, v in sd.items()}, device="cpu", dtype=torch.float32)
+    hf16 = transformers.LlamaForCausalLM(hf.config).eval()
+    hf16.load_state_dict(hf.state_dict())
+    hf16.to(torch.bfloat16)
+    tokens = torch.randint(0, 101, (2, 120), generator=torch.Generator().manual_seed(2))  # angles up to 120 rad
+    with torch.no_grad():
+        want = ref(tokens)
+        err_ours = (ours16(tokens).float() - want).abs()
+        err_hf = (hf16(tokens).logits.float() - want).abs()
+    assert err_ours.max() <= 1.5 * err_hf.max() and err_ours.mean() <= 1.5 * err_hf.mean(), \
+        (err_ours.max().item(), err_hf.max().item(), err_ours.mean().item(), err_hf.mean().item())
+
+
 @pytest.mark.parametrize("change, match", [
     ({"model_type": "mistral"}, "unsupported model_type 'mistral'"),
     ({"architectures": ["LlamaForSequenceClassification"]}, r"unsupported architectures \['LlamaForSequence"),
