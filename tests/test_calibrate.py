@@ -122,6 +122,17 @@ def test_switch_off_drops_only_its_category():
         np.testing.assert_allclose(np.delete(eff[1 + k], k), 1.0)
 
 
+def test_switch_off_effect_hand_computed_with_overlap():
+    # Prompts that pass two categories fall to the other when one is switched off (what CoCoNot's terse
+    # safety prompts do through "incomplete"); a group's prompt refused only through another category
+    # drops when that one is switched off.
+    probs = [[0.6, 0.1], [0.5, 0.4], [0.2, 0.1],      # group 0: via 0; via 0 (1 also passes); none
+             [0.1, 0.35], [0.31, 0.32], [0.45, 0.2],  # group 1: via 1; via 1 (0 also passes); via 0 only
+             [0.9, 0.9]]                              # no group
+    eff = switch_off_effect(probs, [0.3, 0.3], [0, 0, 0, 1, 1, 1, -1], 2)
+    np.testing.assert_allclose(eff, [[2 / 3, 1.0], [1 / 3, 2 / 3], [2 / 3, 2 / 3]])
+
+
 # ---------------------------------------------------------------------------------------------------
 # Threshold choice
 # ---------------------------------------------------------------------------------------------------
