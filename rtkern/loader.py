@@ -57,14 +57,14 @@ def load_model(name_or_path, *, device=None, dtype=None) -> tuple[Transformer, T
         if len(ggufs) == 1:
             path = ggufs[0]
     if path.is_file():
-        args, sd, meta = load_gguf_state_dict(path)
+        (args, sd, meta), origins = load_gguf_state_dict(path), None
         tok = Tokenizer.from_gguf(path, eos_ids=_as_list(meta.get("tokenizer.ggml.eos_token_id")),
                                   chat_template=meta.get("tokenizer.chat_template"))
     else:
-        args, sd = load_hf_state_dict(path)
+        args, sd, origins = _load_hf(path)
         tok = Tokenizer.from_dir(path, eos_ids=find_eos_ids(path))
         _register_control_tokens(tok, path)
-    model = build_model(args, sd, device=device, dtype=dtype, source=str(path))
+    model = build_model(args, sd, device=device, dtype=dtype, source=str(path), origins=origins)
     return model, tok
 
 
@@ -82,8 +82,17 @@ def _register_control_tokens(tok: Tokenizer, path: Path) -> None:
     tok.add_control_tokens(strings)
 
 
-def build_model(args: ModelArgs, sd: dict, *, device, dtype, source: str = "checkpoint") -> Transformer:
-    """Instantiate without allocating random weights, check every tensor, then assign."""
+def build_model(args: ModelArgs, sd: dict, *, device, dtype, source: str = "checkpoint",
+                origins: dict | None = None) -> Transformer:
+    """Instantiate without allocating random weights, check every tensor, then assign.
+
+    ``origins`` maps a state-dict name to the (file, name in that file) it came from, so that errors
+    point into the right shard; names without one are reported against ``source``.
+    """
+    def at(k):
+        f, name = (origins or {}).get(k, (source, k))
+        return f"{f}: ", name
+
     with torch.device("meta"):
         model = Transformer(args)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -96,10 +105,12 @@ def build_model(args: ModelArgs, sd: dict, *, device, dtype, source: str = "chec
                                                                         if len(missing) > 1 else ""))
     unexpected = [k for k in sd if k not in expected]
     if unexpected:
-        raise ValueError(f"{source}: unexpected tensor {unexpected[0]!r} (unsupported architecture?)")
+        where, name = at(unexpected[0])
+        raise ValueError(f"{where}unexpected tensor {name!r} (unsupported architecture?)")
     for k, shape in expected.items():
         if tuple(sd[k].shape) != shape:
-            raise ValueError(f"{source}: tensor {k!r} has shape {tuple(sd[k].shape)}, expected {shape}")
+            where, name = at(k)
+            raise ValueError(f"{where}tensor {name!r} has shape {tuple(sd[k].shape)}, expected {shape}")
     sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=False, assign=True)
     if args.tie_word_embeddings:
@@ -110,6 +121,12 @@ def build_model(args: ModelArgs, sd: dict, *, device, dtype, source: str = "chec
 # -- Hugging Face safetensors ------------------------------------------------------------------------
 def load_hf_state_dict(path) -> tuple[ModelArgs, dict]:
     """ModelArgs and our-named state dict from a directory with config.json and safetensors weights."""
+    args, sd, _ = _load_hf(path)
+    return args, sd
+
+
+def _load_hf(path) -> tuple[ModelArgs, dict, dict]:
+    """``load_hf_state_dict`` plus where each tensor came from: our name -> (file, its name there)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -144,7 +161,7 @@ def load_hf_state_dict(path) -> tuple[ModelArgs, dict]:
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
-    sd = {}
+    sd, file_of = {}, {}
     for f, names in files.items():
         try:
             with safe_open(str(f), framework="pt", device="cpu") as fh:
@@ -157,12 +174,13 @@ def load_hf_state_dict(path) -> tuple[ModelArgs, dict]:
                     t = fh.get_tensor(k)
                     if t.dtype not in _FLOAT_DTYPES:
                         raise ValueError(f"{f}: tensor {k!r} has unsupported dtype {t.dtype}")
-                    sd[k] = t
+                    sd[k], file_of[k] = t, str(f)
         except ValueError:
             raise
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
             raise ValueError(f"{f}: malformed or truncated safetensors file: {e}") from e
-    return args, hf_to_rtkern_state_dict(sd)
+    names = hf_to_rtkern_state_dict({k: k for k in sd})  # ours -> the file's name (a pure renaming)
+    return args, hf_to_rtkern_state_dict(sd), {ours: (file_of[k], k) for ours, k in names.items()}
 
 
 # -- GGUF --------------------------------------------------------------------------------------------

@@ -117,6 +117,18 @@ def test_sharded_rejects_truncated_shard(sharded):
         load_hf_state_dict(d)
 
 
+def test_sharded_shape_error_names_the_shard(sharded):
+    from safetensors.torch import load_file, save_file
+    d, _, meta = sharded
+    shard = d / meta["weight_map"]["model.norm.weight"]
+    tensors = load_file(shard)
+    tensors["model.norm.weight"] = torch.ones(65)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    save_tokenizer(d)
+    with pytest.raises(ValueError, match=re.escape(f"{shard}: tensor 'model.norm.weight' has shape (65,)")):
+        load_model(d, device="cpu")
+
+
 @pytest.fixture
 def saved(tmp_path):
     tiny_hf().save_pretrained(tmp_path)
@@ -140,16 +152,17 @@ def test_rejects_truncated_safetensors(saved):
         load_model(saved, device="cpu")
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"), "missing tensor 'layers.1.mlp.up_proj.weight'"),
-    (lambda sd: sd.__setitem__("model.norm.weight", torch.ones(65)),
-     r"tensor 'norm.weight' has shape (65,), expected (64,)"),
-    (lambda sd: sd.__setitem__("model.layers.0.self_attn.q_proj.bias", torch.zeros(64)),
-     "unexpected tensor 'layers.0.self_attn.q_proj.bias' (unsupported architecture?)"),
+@pytest.mark.parametrize("edit, where, match", [
+    (lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"), "", "missing tensor 'layers.1.mlp.up_proj.weight'"),
+    (lambda sd: sd.__setitem__("model.norm.weight", torch.ones(65)), "model.safetensors",
+     r"tensor 'model.norm.weight' has shape (65,), expected (64,)"),
+    (lambda sd: sd.__setitem__("model.layers.0.self_attn.q_proj.bias", torch.zeros(64)), "model.safetensors",
+     "unexpected tensor 'model.layers.0.self_attn.q_proj.bias' (unsupported architecture?)"),
 ], ids=["missing", "shape", "unexpected"])
-def test_rejects_bad_tensor_naming_checkpoint_and_tensor(saved, edit, match):
+def test_rejects_bad_tensor_naming_checkpoint_and_tensor(saved, edit, where, match):
+    # a tensor that is there is reported in its file under its own name; a missing one against the checkpoint
     _resave(saved, edit)
-    with pytest.raises(ValueError, match=re.escape(f"{saved}: {match}")):
+    with pytest.raises(ValueError, match=re.escape(f"{saved / where if where else saved}: {match}")):
         load_model(saved, device="cpu")
 
 
