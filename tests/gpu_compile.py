@@ -153,7 +153,7 @@ def compile_all(arch: int = 90, full: bool = False, sms: int = 132) -> list:
 
 
 def registers_and_stack(kernel) -> tuple[int, int]:
-    """(registers per thread, local-memory stack bytes: spills) of a compiled kernel, read by cuobjdump."""
+    """(registers per thread, stack bytes in local memory: spills) of a compiled kernel, read by cuobjdump."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
               f"{max(k.metadata.shared for k in kernels):6d} B, warps {sorted({k.metadata.num_warps for k in kernels})}")
         if a.resources:  # one line per distinct binary
             for regs, stack in sorted({registers_and_stack(k) for k in kernels}):
-                print(f"    {regs:3d} registers, {stack:3d} B stack{'  <- spills' if stack else ''}")
+                print(f"    {regs:3d} registers, {stack:3d} B stack{'  <- local memory (spills)' if stack else ''}")
     return 0
 
 
