@@ -478,8 +478,8 @@ def test_cli_end_to_end(tiny_category, tmp_path, capsys):
     probs = np.array([[r["probs"][c] for c in CATEGORIES] for r in rows])
     for k, c in enumerate(CATEGORIES):
         own = [i for i, r in enumerate(rows) if r["should_refuse"] and r["category"] == c]
-        if own:
-            assert (probs[own, k] >= th.thresholds[c]).mean() >= 0.5
+        assert own, f"the data gives {c} no should-refuse prompt"
+        assert (probs[own, k] >= th.thresholds[c]).mean() >= 0.5
     assert "wrote" in capsys.readouterr().out
 
 
