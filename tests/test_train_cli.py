@@ -2,8 +2,10 @@
 processes under torchrun equal one process on the same global batch, and FSDP checkpoints resume exactly."""
 import json
 import os
+import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -103,8 +105,21 @@ def _torchrun(base, data, out, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "rtkern.cli", *_args(base, data, out, "--batch-size", "2", *extra)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode and _gloo_abort(proc.stderr):
+        # gloo's TCP transport can abort a rank from a C++ thread under load ("terminate called without an
+        # active exception", SIGABRT; cf. pytorch/pytorch#188266), before any of our code fails. Seen once
+        # in ~10 full suites on 2 shared cores; a second attempt tells that apart from a real failure.
+        warnings.warn(f"gloo aborted a rank; running torchrun again:\n{proc.stderr[-1500:]}")
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def _gloo_abort(stderr: str) -> bool:
+    """A rank killed by SIGABRT from std::terminate, with no Python exception of ours behind it."""
+    ours = [line for line in stderr.splitlines()
+            if re.match(r"[\w.]*(Error|Exception): ", line) and "ChildFailedError" not in line]
+    return "terminate called without an active exception" in stderr and "Signal 6 (SIGABRT)" in stderr and not ours
 
 
 def _assert_same_run(a_out, b_out, *, final=True):
