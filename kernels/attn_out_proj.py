@@ -92,11 +92,10 @@ def attention_out_proj(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, weig
     # The three [BLOCK_M, BLOCK_K, SPLITS] partial tiles share the register budget with the weight tile.
     # With tl.dot (more than 8 rows) 4096-element tiles spilled on sm_90 (255 registers at B=32, per
     # tests/gpu_compile.py); half the tile and eight warps compile to ~120 registers and no spills.
+    tile = 2048 if cfg["USE_DOT"] else 4096
+    cfg["BLOCK_K"] = max(16, min(cfg["BLOCK_K"], tile // (cfg["BLOCK_M"] * sp2)))
     if cfg["USE_DOT"]:
-        cfg["BLOCK_K"] = max(16, min(cfg["BLOCK_K"], 2048 // (cfg["BLOCK_M"] * sp2)))
         cfg["num_warps"] = 8
-    else:
-        cfg["BLOCK_K"] = max(16, min(cfg["BLOCK_K"], 4096 // (cfg["BLOCK_M"] * sp2)))
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]))
     _attn_out_proj_kernel[grid](m, l, acc, weight, weight.stride(0), residual, residual.stride(0),
                                 M, N, H, Dh, splits, SPLITS_P2=sp2, IEEE=residual.dtype == torch.float32, **cfg)
