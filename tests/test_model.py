@@ -9,6 +9,7 @@ from rtkern.model import (ModelArgs, Transformer, hf_to_rtkern_state_dict, rope_
                           rtkern_to_hf_state_dict)
 
 transformers = pytest.importorskip("transformers")
+from tiny import randomize_norms_  # noqa: E402  (tests/ is on sys.path under pytest)
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
@@ -29,12 +30,7 @@ def hf_model(name, seed=0, vocab=101):
     cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=96, vocab_size=vocab,
                                    max_position_embeddings=128, rms_norm_eps=1e-5, initializer_range=0.1,
                                    **CONFIGS[name])
-    m = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # default init leaves norms at 1; randomise so they are exercised
-        for n, p in m.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
-    return m
+    return randomize_norms_(transformers.LlamaForCausalLM(cfg).eval())
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
@@ -47,11 +43,15 @@ def pair(request, tmp_path_factory):
     return hf, build_model(args, sd, device="cpu", dtype=torch.float32, source=str(d))
 
 
+def _weights(ours):
+    """``ours``'s state dict as a checkpoint holds it (a tied head is not stored twice)."""
+    tied = ours.args.tie_word_embeddings
+    return {k: v for k, v in ours.state_dict().items() if not (tied and k == "lm_head.weight")}
+
+
 def _rebuilt(ours, **changes):
     """``ours`` with the same weights and some ModelArgs fields changed."""
-    args = dataclasses.replace(ours.args, **changes)
-    sd = {k: v for k, v in ours.state_dict().items() if not (args.tie_word_embeddings and k == "lm_head.weight")}
-    return build_model(args, sd, device="cpu", dtype=torch.float32)
+    return build_model(dataclasses.replace(ours.args, **changes), _weights(ours), device="cpu", dtype=torch.float32)
 
 
 def test_prefill_matches_hf(pair):
@@ -172,7 +172,7 @@ def test_bf16_cast_keeps_fp32_rope():
 def test_bf16_logits_are_as_close_to_fp32_as_transformers_bf16(pair):
     # Both bf16 models against fp32 on the same bf16-rounded weights: ours may not round more than theirs.
     hf, ours = pair
-    sd = {k: v for k, v in ours.state_dict().items() if not (ours.args.tie_word_embeddings and k == "lm_head.weight")}
+    sd = _weights(ours)
     ours16 = build_model(ours.args, sd, device="cpu", dtype=torch.bfloat16)
     ref = build_model(ours.args, {k: v.bfloat16().float() for k, v in sd.items()}, device="cpu", dtype=torch.float32)
     hf16 = transformers.LlamaForCausalLM(hf.config).eval()

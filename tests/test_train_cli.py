@@ -108,7 +108,7 @@ def _torchrun(base, data, out, *extra):
     if proc.returncode and _gloo_abort(proc.stderr):
         # gloo's TCP transport can abort a rank from a C++ thread under load ("terminate called without an
         # active exception", SIGABRT; cf. pytorch/pytorch#188266), before any of our code fails. Seen once
-        # in ~10 full suites on 2 shared cores; a second attempt tells that apart from a real failure.
+        # in six full suites on 2 shared cores; a second attempt tells that apart from a real failure.
         warnings.warn(f"gloo aborted a rank; running torchrun again:\n{proc.stderr[-1500:]}")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

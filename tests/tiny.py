@@ -6,11 +6,22 @@ CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def tiny_hf(vocab=320, tie=False, seed=0):
+def tiny_hf(vocab=320, tie=False, seed=0, random_norms=False, **config):
+    """A 2-layer GQA Llama; ``config`` overrides LlamaConfig fields, ``random_norms`` exercises the norm weights."""
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   intermediate_size=96, vocab_size=vocab, tie_word_embeddings=tie, eos_token_id=1)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    fields = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=96, vocab_size=vocab, tie_word_embeddings=tie, eos_token_id=1)
+    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**fields, **config})).eval()
+    return randomize_norms_(m) if random_norms else m
+
+
+def randomize_norms_(model):
+    """Norm weights uniform in [0.5, 1.5] (default init leaves them at 1, where a dropped norm goes unseen)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    return model
 
 
 def save_tokenizer(d, vocab_size=300, control=()):
