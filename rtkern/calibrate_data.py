@@ -4,8 +4,8 @@
   original prompts (``int(sha256(id)[:8], 16) % 10 < 3``, see ``shared/data/README.md``) should be
   refused, with their category; every contrast prompt should be answered.
 * CSV (header row) or JSONL (one object a line) with ``prompt`` and ``label`` (``refuse``/``comply``,
-  ``1``/``0``, ``true``/``false``) and an optional ``category``. A malformed row raises ValueError naming
-  ``file:line``.
+  ``1``/``0``, ``true``/``false``) and an optional ``category``; UTF-8, a leading BOM allowed. A malformed
+  row raises ValueError naming ``file:line``.
 """
 from __future__ import annotations
 
@@ -158,7 +158,8 @@ def _jsonl_objects(path: Path):
 
 def _rows(path: Path, required: Sequence[str]):
     """(line, row dict) from a CSV with a header naming ``required``; the line is where the record starts."""
-    with open(path, encoding="utf-8-sig", newline="") as fh:
+    from .train.data import check_csv_header, open_utf8
+    with open_utf8(path, newline="") as fh:
         reader = csv.reader(fh)
         try:
             header = [h.strip() for h in next(reader)]
@@ -166,6 +167,7 @@ def _rows(path: Path, required: Sequence[str]):
             raise ValueError(f"{path}:1: empty file (expected a header with 'prompt' and 'label')") from None
         except csv.Error as e:
             raise ValueError(f"{path}:1: malformed CSV ({e})") from e
+        check_csv_header(path, header)
         missing = [k for k in required if k not in header]
         if missing:
             raise ValueError(f"{path}:1: header has no column {missing[0]!r} (columns: {header})")

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
+import numpy as np
 import torch
 
 from .spec import RefusalSpec
@@ -54,9 +56,15 @@ class Thresholds:
 
 
 def _value(v, where: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    # numbers.Real takes Python and numpy ints and floats; bools (numpy's too) are not thresholds.
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
         raise ValueError(f"{where} must be a number, got {json.dumps(v) if _jsonable(v) else repr(v)}")
-    v = float(v)
+    try:
+        v = float(v)
+    except OverflowError:
+        raise ValueError(f"{where} must be finite (use a value above 1 to switch a category off), got an "
+                         f"integer of about {int(abs(int(v)).bit_length() * math.log10(2)) + 1} digits, "
+                         "too large for a float") from None
     if math.isnan(v) or math.isinf(v):
         raise ValueError(f"{where} must be finite (use a value above 1 to switch a category off), got {v}")
     if v < 0:
@@ -88,9 +96,8 @@ def _parse(data, src: str, spec: Optional[RefusalSpec]) -> Thresholds:
         raise ValueError(f"{src}: key 'thresholds' must be a non-empty object of category name -> number")
     values = {str(k): _value(v, f"{src}: thresholds[{k!r}]") for k, v in raw.items()}
     default = None if data.get("default") is None else _value(data["default"], f"{src}: key 'default'")
-    if mode == "sum" and len(set(values.values()) | ({default} if default is not None else set())) > 1:
-        raise ValueError(f"{src}: mode 'sum' uses one threshold on the summed probability, but "
-                         f"'thresholds' holds different values {sorted(set(values.values()))}")
+    if mode == "sum":
+        _check_one_value(values, default, src)
     created_by = data.get("created_by")
     if created_by is not None and not isinstance(created_by, str):
         raise ValueError(f"{src}: key 'created_by' must be a string")
@@ -101,6 +108,17 @@ def _parse(data, src: str, spec: Optional[RefusalSpec]) -> Thresholds:
     if spec is not None:
         check_against_spec(th, spec, src)
     return th
+
+
+def _check_one_value(values: dict, default: Optional[float], src: str) -> None:
+    """Mode ``sum`` compares one threshold with the summed probability: every value must be the same."""
+    distinct = set(values.values()) | ({default} if default is not None else set())
+    if len(distinct) > 1:
+        where = f"'thresholds' holds {sorted(set(values.values()))}"
+        if default is not None:
+            where += f" and 'default' is {default}"
+        raise ValueError(f"{src}: mode 'sum' uses one threshold on the summed probability, so every value "
+                         f"must be the same, got different values {sorted(distinct)} ({where})")
 
 
 def check_against_spec(th: Thresholds, spec: RefusalSpec, src: str = "thresholds") -> None:
@@ -133,8 +151,8 @@ def load_thresholds(path: PathLike, spec: Optional[RefusalSpec] = None) -> Thres
     FileNotFoundError
         The file does not exist.
     ValueError
-        Invalid JSON, wrong ``format``/``mode``, a value that is not a finite number >= 0, an unknown
-        key, or a category the spec lacks; the message names the file and the key.
+        Invalid JSON, a key repeated in one object, wrong ``format``/``mode``, a value that is not a finite
+        number >= 0, an unknown key, or a category the spec lacks; the message names the file and the key.
     """
     path = Path(path)
     try:
@@ -145,10 +163,31 @@ def load_thresholds(path: PathLike, spec: Optional[RefusalSpec] = None) -> Thres
         raise ValueError(f"{path}: not UTF-8 text ({e})") from e
     try:
         # Python's json reads NaN/Infinity as floats; `_value` then rejects them naming the key.
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
+        data = json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise ValueError(f"{path}: key {e.args[0]!r} appears more than once in a JSON object "
+                         f"(values {e.args[1]} and {e.args[2]}); expected each key once") from None
+    except ValueError as e:  # JSONDecodeError, or an integer too long for Python to read
         raise ValueError(f"{path}: invalid JSON: {e}") from e
     return _parse(data, str(path), spec)
+
+
+class _DuplicateKey(ValueError):
+    """A key repeated in one JSON object: (key, first value, second value)."""
+
+
+def _unique_keys(pairs: list) -> dict:
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k, _short(out[k]), _short(v))
+        out[k] = v
+    return out
+
+
+def _short(v) -> str:
+    s = json.dumps(v)
+    return s if len(s) <= 40 else s[:37] + "..."
 
 
 def save_thresholds(path: PathLike, thresholds: Union[Thresholds, Mapping[str, float]], *,
@@ -158,7 +197,8 @@ def save_thresholds(path: PathLike, thresholds: Union[Thresholds, Mapping[str, f
     """Validate and write a thresholds file (the values are checked as `load_thresholds` checks them).
 
     ``thresholds`` is a `Thresholds` (other keyword arguments are then ignored) or a mapping of category
-    name -> value. Returns the path written.
+    name -> value; values may be any real number (numpy's too, written as floats), not bools. Returns the
+    path written.
     """
     if isinstance(thresholds, Thresholds):
         th = thresholds
@@ -166,6 +206,17 @@ def save_thresholds(path: PathLike, thresholds: Union[Thresholds, Mapping[str, f
         if not isinstance(thresholds, Mapping):
             raise TypeError(f"thresholds must be a Thresholds or a mapping, got {type(thresholds).__name__}")
         th = Thresholds({str(k): v for k, v in thresholds.items()}, mode, default, created_by, dict(metadata or {}))
+    path = Path(path)
+    th = _parse(_to_json(th), str(path), spec)  # never write a file the loader would reject
+    try:
+        text = json.dumps(_to_json(th), indent=2, allow_nan=False)
+    except ValueError as e:
+        raise ValueError(f"{path}: metadata must not hold NaN or infinity ({e})") from e
+    path.write_text(text + "\n", encoding="utf-8")
+    return path
+
+
+def _to_json(th: Thresholds) -> dict:
     data = {"format": FORMAT, "mode": th.mode, "thresholds": dict(th.thresholds)}
     if th.default is not None:
         data["default"] = th.default
@@ -173,14 +224,7 @@ def save_thresholds(path: PathLike, thresholds: Union[Thresholds, Mapping[str, f
         data["created_by"] = th.created_by
     if th.metadata:
         data["metadata"] = th.metadata
-    path = Path(path)
-    _parse(data, str(path), spec)  # never write a file the loader would reject
-    try:
-        text = json.dumps(data, indent=2, allow_nan=False)
-    except ValueError as e:
-        raise ValueError(f"{path}: metadata must not hold NaN or infinity ({e})") from e
-    path.write_text(text + "\n", encoding="utf-8")
-    return path
+    return data
 
 
 def thresholds_tensor(th: Thresholds, spec: RefusalSpec, device=None) -> torch.Tensor:

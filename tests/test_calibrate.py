@@ -262,6 +262,19 @@ GOOD = {"format": FORMAT, "mode": "category", "thresholds": {"refuse": 0.5}}
     (json.dumps({**GOOD, "thresholds": [0.5]}), "non-empty object"),
     (json.dumps({**GOOD, "treshold": 1}), "unknown key 'treshold'"),
     (json.dumps({**GOOD, "mode": "sum", "thresholds": {"a": 0.5, "b": 0.6}}), "one threshold"),
+    (json.dumps({**GOOD, "mode": "sum", "thresholds": {"refuse": 0.2}, "default": 0.3}),
+     r"different values \[0\.2, 0\.3\] \('thresholds' holds \[0\.2\] and 'default' is 0\.3\)"),
+    pytest.param(json.dumps({**GOOD, "thresholds": {"refuse": 10 ** 400}}),
+                 r"thresholds\['refuse'\] must be finite .*integer of about 401 digits, too large for a float",
+                 id="huge-int"),
+    pytest.param(json.dumps({**GOOD, "thresholds": {"refuse": 0.5}, "default": -10 ** 400}),
+                 "'default' must be finite", id="huge-negative-default"),
+    ('{"format": "rtkern-thresholds/1", "thresholds": {"refuse": 0.2, "refuse": 0.9}}',
+     r"key 'refuse' appears more than once in a JSON object \(values 0\.2 and 0\.9\)"),
+    ('{"format": "rtkern-thresholds/1", "thresholds": {"refuse": 0.2}, "thresholds": {"refuse": 0.9}}',
+     "key 'thresholds' appears more than once"),
+    ('{"format": "rtkern-thresholds/1", "thresholds": {"refuse": 0.2}, "metadata": {"a": {"n": 1, "n": 2}}}',
+     "key 'n' appears more than once"),
     (json.dumps([GOOD]), "JSON object"),
 ])
 def test_thresholds_file_rejects_bad_files(tmp_path, content, match):
@@ -287,6 +300,21 @@ def test_thresholds_file_checks_categories_against_spec(tmp_path):
     with pytest.raises(ValueError, match="must be >= 0"):
         save_thresholds(tmp_path / "x.json", {"refuse": -1})
     assert not (tmp_path / "x.json").exists()
+
+
+def test_save_thresholds_takes_numpy_numbers_not_bools(tmp_path):
+    path = save_thresholds(tmp_path / "t.json", {"a": np.float32(0.25), "b": np.int64(2), "c": np.float16(0.5)},
+                           default=np.float32(0.75))
+    want = {"a": 0.25, "b": 2.0, "c": 0.5}
+    assert json.loads(path.read_text())["thresholds"] == want and json.loads(path.read_text())["default"] == 0.75
+    th = load_thresholds(path)
+    assert th.thresholds == want and all(type(v) is float for v in th.thresholds.values())
+    for bad in (True, np.bool_(True)):
+        with pytest.raises(ValueError, match=r"thresholds\['a'\] must be a number"):
+            save_thresholds(tmp_path / "b.json", {"a": bad})
+    with pytest.raises(ValueError, match="too large for a float"):
+        save_thresholds(tmp_path / "b.json", {"a": 10 ** 400})
+    assert not (tmp_path / "b.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -322,6 +350,28 @@ def test_malformed_data_names_file_and_line(tmp_path, name, content, match):
     f = tmp_path / name
     f.write_text(content)
     with pytest.raises(ValueError, match=match):
+        load_labelled(f)
+
+
+@pytest.mark.parametrize("name, content, offset, line", [
+    ("a.csv", b"prompt,label\nx,1\ncaf\xe9,0\n", 20, 3),
+    ("a.jsonl", b'{"prompt": "x", "label": 1}\n' * 500 + b'{"prompt": "caf\xe9", "label": 0}\n', 14015, 501),
+], ids=["csv", "jsonl"])
+def test_data_not_utf8_names_file_and_byte_offset(tmp_path, name, content, offset, line):
+    f = tmp_path / name
+    f.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{name}: not UTF-8 text \(byte 0xe9 at byte offset {offset}, line {line}:"):
+        load_labelled(f)
+
+
+def test_data_bom_accepted_and_repeated_csv_column_rejected(tmp_path):
+    for name, text in (("b.csv", "prompt,label\nx,1\n"), ("b.jsonl", '{"prompt": "x", "label": 1}\n')):
+        f = tmp_path / name
+        f.write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert load_labelled(f).prompts == ["x"]
+    f = tmp_path / "d.csv"
+    f.write_text("prompt,label,prompt\nx,1,y\n")
+    with pytest.raises(ValueError, match=r"d\.csv:1: header repeats column 'prompt'"):
         load_labelled(f)
 
 

@@ -99,6 +99,30 @@ def test_malformed_json_array_and_csv_lines(tmp_path):
         read_file(c)
 
 
+@pytest.mark.parametrize("name, content, offset, line", [
+    ("a.jsonl", b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n', 48, 2),
+    ("a.json", b'[{"prompt": "a", "response": "b"},\n {"prompt": "\xff", "response": "b"}]', 48, 2),
+    ("a.csv", b"prompt,response\n" + b"a,b\n" * 3000 + b"caf\xe9,b\n", 12019, 3002),
+], ids=["jsonl", "json", "csv"])
+def test_not_utf8_names_file_and_byte_offset(tmp_path, name, content, offset, line):
+    f = tmp_path / name
+    f.write_bytes(content)
+    with pytest.raises(DataError, match=rf"{name}: not UTF-8 text \(byte 0x.. at byte offset {offset}, line {line}:"):
+        read_file(f)
+
+
+def test_bom_accepted_and_repeated_csv_column_rejected(tmp_path):
+    for name, text in (("b.jsonl", '{"prompt": "a", "response": "b"}\n'), ("b.csv", "prompt,response\na,b\n"),
+                       ("b.json", '[{"prompt": "a", "response": "b"}]')):
+        f = tmp_path / name
+        f.write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert [(r.prompt, r.response) for r in read_file(f).records] == [("a", "b")]
+    f = tmp_path / "d.csv"
+    f.write_text("prompt,response,response\na,b,c\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"d\.csv:1: header repeats column 'response'"):
+        read_file(f)
+
+
 def test_all_malformed_rows_listed(tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": ""}, {"prompt": "a", "response": "b"},
                                            {"prompt": "", "response": "b"}])

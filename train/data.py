@@ -12,6 +12,8 @@ import csv
 import hashlib
 import json
 import logging
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -107,9 +109,41 @@ def iter_rows(path) -> Iterator[tuple[int, object]]:
         raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json or .csv)")
 
 
+@contextmanager
+def open_utf8(path, newline=None):
+    """Open a text file as UTF-8 (a leading BOM is dropped); bytes that are not UTF-8 raise DataError
+    naming the file and the byte offset, wherever in the ``with`` body the file is read."""
+    try:
+        with open(path, encoding="utf-8-sig", newline=newline) as fh:
+            yield fh
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e) from None
+
+
+def not_utf8(path, err: UnicodeDecodeError) -> DataError:
+    """DataError for a file that is not UTF-8, naming the first bad byte and its offset in the file."""
+    data = Path(path).read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        err = e  # offsets in the whole file; a text reader's error counts from its buffer
+    at = err.start
+    line = data.count(b"\n", 0, at) + 1
+    return DataError(f"{path}: not UTF-8 text (byte 0x{err.object[at]:02x} at byte offset {at}, line {line}: "
+                     f"{err.reason}); save the file as UTF-8")
+
+
+def check_csv_header(path, header) -> None:
+    """DataError naming ``file:1`` when a column name repeats (a row dict would keep only the last)."""
+    repeated = [h for h, n in Counter(header).items() if n > 1]
+    if repeated:
+        raise DataError(f"{path}:1: header repeats column {repeated[0]!r} (columns: {list(header)}); "
+                        "expected each column name once")
+
+
 def iter_jsonl(path: Path):
     """(line number, decoded value) for each non-blank line; DataError names ``file:line`` on bad JSON."""
-    with open(path, encoding="utf-8") as fh:
+    with open_utf8(path) as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -120,7 +154,8 @@ def iter_jsonl(path: Path):
 
 
 def _iter_json_array(path: Path):
-    text = path.read_text(encoding="utf-8")
+    with open_utf8(path) as fh:
+        text = fh.read()
     dec = json.JSONDecoder()
     # Decode element by element so a bad element is reported at its own line.
     i = _skip_ws(text, 0)
@@ -152,10 +187,11 @@ def _skip_ws(text: str, i: int) -> int:
 
 
 def _iter_csv(path: Path, delimiter: str):
-    with open(path, encoding="utf-8", newline="") as fh:
+    with open_utf8(path, newline="") as fh:
         reader = csv.DictReader(fh, delimiter=delimiter)
         if not reader.fieldnames:
             raise DataError(f"{path}:1: empty CSV file (expected a header with prompt,response[,category])")
+        check_csv_header(path, reader.fieldnames)
         start = reader.line_num + 1
         for row in reader:
             if None in row:
