@@ -299,19 +299,47 @@ def run(models: Sequence[str], batches: Sequence[int], methods: Sequence[str], d
     return rows
 
 
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """argparse ``type``: an int >= ``minimum`` (a smaller one is a usage error, exit status 2)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {v}")
+        return v
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type``: a finite float > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return v
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     cuda = torch.cuda.is_available()
     p.add_argument("--model", nargs="+", default=None,
                    help="names/paths; '<shape>-random' = random weights, e.g. llama3-8b-random "
                         "(default: smollm2-135m-instruct, plus llama3-8b-random on CUDA)")
-    p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 8 32; CPU 1 8)")
+    p.add_argument("--batch", type=int_at_least(1), nargs="+", default=None,
+                   help="batch sizes (default 1 8 32; CPU 1 8)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=None)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if cuda else "fp32")
-    p.add_argument("--prompt", type=int, default=128, help="prompt length in tokens")
-    p.add_argument("--new", type=int, default=None, help="new tokens per request (default 256; CPU 16)")
-    p.add_argument("--reps", type=int, default=None, help="timed runs per point (median; default 5, CPU 2)")
+    p.add_argument("--prompt", type=int_at_least(1), default=128, help="prompt length in tokens")
+    p.add_argument("--new", type=int_at_least(2), default=None,
+                   help="new tokens per request, at least 2: ms/step is a difference of two lengths "
+                        "(default 256; CPU 16)")
+    p.add_argument("--reps", type=int_at_least(1), default=None,
+                   help="timed runs per point (median; default 5, CPU 2)")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--bandwidth", type=float, default=H100_BANDWIDTH, help="bytes/s for the %%bw column")
+    p.add_argument("--bandwidth", type=positive_float, default=H100_BANDWIDTH, help="bytes/s for the %%bw column")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--no-progress", action="store_true")
 
@@ -319,11 +347,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     cuda = torch.device(args.device).type == "cuda"
     models = args.model or (["smollm2-135m-instruct", "llama3-8b-random"] if cuda else ["smollm2-135m-instruct"])
-    new = args.new or (256 if cuda else 16)
-    if new < 2:
-        raise SystemExit("--new must be at least 2 (ms/step is a difference of two lengths)")
-    run(models, args.batch or ([1, 8, 32] if cuda else [1, 8]), args.methods or (GPU_METHODS if cuda else CPU_METHODS),
-        torch.device(args.device), args.dtype, prompt=args.prompt, new=new, reps=args.reps or (5 if cuda else 2),
+    new = (256 if cuda else 16) if args.new is None else args.new
+    reps = (5 if cuda else 2) if args.reps is None else args.reps
+    batches = ([1, 8, 32] if cuda else [1, 8]) if args.batch is None else args.batch
+    if new < 2 or reps < 1 or min(batches, default=0) < 1:   # the parser checks these; run_from_args may get a Namespace
+        raise SystemExit("--new must be at least 2 (ms/step is a difference of two lengths), --reps and "
+                         "--batch at least 1")
+    run(models, batches, args.methods or (GPU_METHODS if cuda else CPU_METHODS),
+        torch.device(args.device), args.dtype, prompt=args.prompt, new=new, reps=reps,
         bandwidth=args.bandwidth, out_dir=args.out, progress=not args.no_progress)
     return 0
 

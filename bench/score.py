@@ -37,7 +37,7 @@ import torch
 from rtkern.calibrate import score
 from rtkern.spec import RefusalSpec
 
-from .decode import hf_view, load_subject
+from .decode import hf_view, int_at_least, load_subject
 from .sampler import DTYPES, environment
 
 DEFAULT_OUT = Path("results") / "bench-score"
@@ -129,10 +129,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     cuda = torch.cuda.is_available()
     p.add_argument("--model", default="smollm2-135m-instruct", help="name or path (needs a tokenizer)")
     p.add_argument("--data", default=None, help="CoCoNot folder or CSV/JSONL (default: synthetic prompts)")
-    p.add_argument("--num-prompts", type=int, default=None, help="prompts to score (default 663; CPU 64)")
-    p.add_argument("--batch-size", type=int, nargs="+", default=None, help="default 16 64; CPU 16")
+    p.add_argument("--num-prompts", type=int_at_least(1), default=None, help="prompts to score (default 663; CPU 64)")
+    p.add_argument("--batch-size", type=int_at_least(1), nargs="+", default=None, help="default 16 64; CPU 16")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if cuda else "fp32")
-    p.add_argument("--reps", type=int, default=None, help="timed passes per point (median; default 5, CPU 1)")
+    p.add_argument("--reps", type=int_at_least(1), default=None, help="timed passes per point (median; default 5, CPU 1)")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
 
@@ -140,11 +140,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_from_args(a: argparse.Namespace) -> int:
     device = torch.device(a.device)
     cuda = device.type == "cuda"
-    n = a.num_prompts or (663 if cuda else 64)
-    if n < 1 or any(b < 1 for b in a.batch_size or [1]):
-        raise SystemExit("--num-prompts and --batch-size must be positive")
-    rows = run(a.model, _prompts(a.data, n), a.batch_size or ([16, 64] if cuda else [16]), device, a.dtype,
-               a.reps or (5 if cuda else 1), a.out)
+    n = (663 if cuda else 64) if a.num_prompts is None else a.num_prompts
+    batches = ([16, 64] if cuda else [16]) if a.batch_size is None else a.batch_size
+    reps = (5 if cuda else 1) if a.reps is None else a.reps
+    if n < 1 or reps < 1 or min(batches, default=0) < 1:   # the parser checks these; run_from_args may get a Namespace
+        raise SystemExit("--num-prompts, --batch-size and --reps must be positive")
+    rows = run(a.model, _prompts(a.data, n), batches, device, a.dtype, reps, a.out)
     table = format_table(rows)
     (a.out / "score.md").write_text(table + "\n")
     print(table)

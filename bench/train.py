@@ -39,7 +39,7 @@ import torch
 
 from rtkern.model import ModelArgs, Transformer, rtkern_to_hf_state_dict
 
-from .decode import random_weights_
+from .decode import int_at_least, random_weights_
 from .sampler import environment
 
 DEFAULT_OUT = Path("results") / "bench-train"
@@ -179,12 +179,12 @@ def format_table(rows: Sequence[Row]) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     cuda = torch.cuda.is_available()
     p.add_argument("--model", default="smollm2-135m", help="ModelArgs name or a folder with a HF config.json")
-    p.add_argument("--batch", type=int, default=None, help="rows per step (default 8; CPU 2)")
-    p.add_argument("--seq", type=int, default=None, help="tokens per row (default 1024; CPU 128)")
+    p.add_argument("--batch", type=int_at_least(1), default=None, help="rows per step (default 8; CPU 2)")
+    p.add_argument("--seq", type=int_at_least(1), default=None, help="tokens per row (default 1024; CPU 128)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=None,
                    help="default: all on CUDA; rtkern and hf on CPU")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; CPU 2)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int_at_least(1), default=None, help="timed steps (default 20; CPU 2)")
+    p.add_argument("--warmup", type=int_at_least(1), default=3)
     p.add_argument("--prompt-frac", type=float, default=0.3, help="leading share of each row left out of the loss")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -193,7 +193,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_from_args(a: argparse.Namespace) -> int:
     device = torch.device(a.device)
     cuda = device.type == "cuda"
-    B, T, steps = a.batch or (8 if cuda else 2), a.seq or (1024 if cuda else 128), a.steps or (20 if cuda else 2)
+    B = (8 if cuda else 2) if a.batch is None else a.batch
+    T = (1024 if cuda else 128) if a.seq is None else a.seq
+    steps = (20 if cuda else 2) if a.steps is None else a.steps
     if min(B, T, steps, a.warmup) < 1 or not 0 <= a.prompt_frac < 1:
         raise SystemExit("--batch, --seq, --steps, --warmup must be positive and --prompt-frac in [0, 1)")
     args = model_args(a.model)

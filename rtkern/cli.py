@@ -1,4 +1,4 @@
-"""The ``rtkern`` command line (console script ``rtkern``, or ``python -m rtkern.cli``).
+"""The ``rtkern`` command line (console script ``rtkern``, or ``python -m rtkern``).
 
 Commands are registered in `COMMANDS`, keyed by their word path (``("bench", "sampler")``). Each entry
 names a function that adds the command's options to its argparse parser and a handler that runs it and

@@ -108,12 +108,54 @@ def test_generate_cli(tiny_dir, capsys):
     assert [x["prompt"] for x in lines] == ["hello world", "please respond"]
     for x in lines:  # threshold 0: every prompt refuses with the only category
         assert x["refused"] == 0 and x["category"] == "refuse" and 0 < x["refusal_probs"]["refuse"] < 1
-    with pytest.raises(ValueError, match="NAME=VALUE"):
+    with pytest.raises(SystemExit) as e:   # a parse error: exit 2 before the model is loaded
         cli.main(["generate", "--model", str(tiny_dir), "--device", "cpu", "--add-control-tokens", "single",
-                  "hello", "--thresholds", "a=1", "=2"])
+                  "hello", "--thresholds", "a=1,=2"])
+    assert e.value.code == 2 and "NAME=VALUE" in capsys.readouterr().err
 
 
 def test_bad_arguments_exit_2():
     with pytest.raises(SystemExit) as e:
         cli.main(["bench", "sampler", "--dtype", "int8"])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["decode", "--new", "0"], "argument --new: must be at least 2"),
+    (["decode", "--new", "1"], "argument --new: must be at least 2"),
+    (["decode", "--reps", "0"], "argument --reps: must be at least 1"),
+    (["decode", "--batch", "1", "0"], "argument --batch: must be at least 1"),
+    (["decode", "--batch", "-2"], "argument --batch: must be at least 1"),
+    (["decode", "--prompt", "0"], "argument --prompt: must be at least 1"),
+    (["decode", "--bandwidth", "0"], "argument --bandwidth: must be a finite number > 0"),
+    (["score", "--num-prompts", "0"], "argument --num-prompts: must be at least 1"),
+    (["score", "--reps", "0"], "argument --reps: must be at least 1"),
+    (["score", "--batch-size", "0"], "argument --batch-size: must be at least 1"),
+    (["train", "--batch", "0"], "argument --batch: must be at least 1"),
+    (["train", "--seq", "0"], "argument --seq: must be at least 1"),
+    (["train", "--steps", "0"], "argument --steps: must be at least 1"),
+    (["sampler", "--reps", "0"], "argument --reps: must be at least 1"),
+])
+def test_bench_rejects_non_positive_counts(monkeypatch, capsys, argv, message):
+    """0 used to be replaced by the default (``args.new or 16``) or become a failed row with exit 0."""
+    import importlib
+    mod = importlib.import_module(f"rtkern.bench.{argv[0]}")
+
+    def boom(*a, **k):
+        raise AssertionError("the benchmark ran")
+    monkeypatch.setattr(mod, "model_args" if argv[0] == "train" else "run", boom)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", *argv])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_decode_explicit_counts_are_used(monkeypatch):
+    from rtkern.bench import decode
+    got = {}
+    monkeypatch.setattr(decode, "run", lambda models, batches, methods, device, dtype, **kw: got.update(
+        batches=batches, **kw))
+    assert cli.main(["bench", "decode", "--device", "cpu", "--new", "3", "--reps", "1", "--batch", "2"]) == 0
+    assert (got["new"], got["reps"], got["batches"]) == (3, 1, [2])
+    assert cli.main(["bench", "decode", "--device", "cpu"]) == 0          # CPU defaults
+    assert (got["new"], got["reps"], got["batches"]) == (16, 2, [1, 8])

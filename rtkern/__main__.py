@@ -1,0 +1,7 @@
+"""``python -m rtkern``: the same as the ``rtkern`` console script."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
