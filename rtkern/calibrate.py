@@ -516,13 +516,15 @@ def _per_category(p, y, c, mode, uniform: float, pick, what: str, names) -> Choi
 
 def choose_for_target_rate(probs, should_refuse, category, target: float, mode: str = "category", *,
                            names: Optional[Sequence[str]] = None) -> Choice:
-    """Thresholds that refuse at least ``target`` of the should-refuse prompts (as few more as ties allow).
+    """Thresholds that refuse at least ``target`` of the should-refuse prompts, as few more as allowed.
 
-    With several category tokens (``category`` mode, C > 1) each token c gets the largest threshold at
-    which p_c reaches ``target`` on the should-refuse prompts of category c; a category without
-    labelled prompts keeps the threshold shared by all tokens (chosen on max_c p_c). With C = 1 or
-    ``sum`` mode there is one threshold. Any token may refuse a prompt, so the realised rate per
-    category is at least the target.
+    With C = 1 or ``sum`` mode there is one threshold. With several category tokens (``category``
+    mode) any token may refuse any prompt, so the thresholds are chosen together: every token c that
+    has labelled prompts gets the largest threshold at which p_c alone fires on a fraction q of the
+    should-refuse prompts of category c, and q is the smallest for which every such category's realised
+    rate (any token firing) reaches ``target``. Tokens of categories without labelled prompts keep the
+    threshold shared by all tokens (chosen on max_c p_c). ``target`` 0 refuses no should-refuse prompt
+    (q = 0 puts each token above its probability on every should-refuse prompt).
 
     Parameters
     ----------
@@ -540,16 +542,39 @@ def choose_for_target_rate(probs, should_refuse, category, target: float, mode: 
     _check_rate(target, "target")
     if not y.any():
         raise ValueError("a target refusal rate needs should-refuse prompts")
+    what = f"target refusal rate {target:g} on should-refuse prompts"
     uniform = threshold_for_rate(refusal_score(p[y], mode), target)
+    own = {k: y & (c == k) for k in range(p.shape[1]) if (y & (c == k)).any()}
+    q = _shared_share(p, y, own, uniform, target) if mode == "category" and p.shape[1] > 1 else target
 
     def pick(k):
-        own = y & (c == k)
-        return threshold_for_rate(p[own, k], target) if own.any() else None
+        return _share_threshold(p, y, own[k], k, q) if k in own else None
 
-    what = f"target refusal rate {target:g} on should-refuse prompts"
     if mode == "category" and p.shape[1] > 1:
-        what += " (each category token on its own category)"
+        what += f" (category tokens chosen together: each fires on a share {q:.3g} of its own category)"
     return _per_category(p, y, c, mode, uniform, pick, what, names)
+
+
+def _share_threshold(p: np.ndarray, y: np.ndarray, own: np.ndarray, k: int, q: float) -> float:
+    # Token k's threshold firing on a share q of its own category; at q = 0 on no should-refuse prompt.
+    return threshold_for_rate(p[own, k], q) if q > 0 else _above(p[y, k].max())
+
+
+def _shared_share(p: np.ndarray, y: np.ndarray, own: dict, uniform: float, target: float) -> float:
+    """Smallest share q such that, with each labelled token at its `_share_threshold`, every labelled
+    category's realised refusal rate (any token firing) reaches ``target``."""
+    def reached(q: float) -> bool:
+        t = np.full(p.shape[1], uniform, dtype=np.float32)
+        for k, rows in own.items():
+            t[k] = _share_threshold(p, y, rows, k, q)
+        return all((p[rows] >= t).any(axis=1).mean() >= target - 1e-9 for rows in own.values())
+
+    qs = sorted({j / int(rows.sum()) for rows in own.values() for j in range(int(rows.sum()) + 1)})
+    lo, hi = 0, len(qs) - 1               # reached(1) holds, and reached() is monotone in q
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if reached(qs[mid]) else (mid + 1, hi)
+    return qs[lo]
 
 
 def choose_for_max_over_refusal(probs, should_refuse, max_rate: float, mode: str = "category") -> Choice:

@@ -73,6 +73,7 @@ def _run(args: argparse.Namespace) -> int:
     from .loader import load_model
 
     _check_args(args)
+    out = _out_dir(args.out)  # before the minutes of scoring, not after
     data = concat([load_labelled(d) for d in args.data])
     if args.limit is not None:
         data = even_subset(data, args.limit)
@@ -80,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model, tok = load_model(args.model, device=device, dtype=dtype)
     spec = resolve_spec(tok, args)
-    protect_control_tokens(tok, spec)
+    tok.protect(spec.control_ids)
 
     t0 = time.perf_counter()
     scores = score(model, tok, data.prompts, spec, batch_size=args.batch_size, max_length=args.max_length,
@@ -93,13 +94,23 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"{bad.size} prompts got NaN probabilities (NaN/inf logits from the model), "
                          f"first at {data.sources[bad[0]]}")
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     analysis = _analyse(scores, data, spec, args)
     meta = _meta(args, data, spec, model, seconds)
     files = _write(out, analysis, data, spec, scores, meta, args)
     _summary(analysis, files)
     return 0
+
+
+def _out_dir(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".rtkern-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write the report there ({e.strerror or e})") from e
+    return out
 
 
 def _check_args(args) -> None:
@@ -124,31 +135,15 @@ def resolve_spec(tok, args: argparse.Namespace) -> RefusalSpec:
     """
     if args.refusal_tokens:
         return _explicit_spec(tok, args.refusal_tokens, args.respond_token)
-    schemes = (args.scheme,) if args.scheme != "auto" else _trained_scheme(args.model) or ("category", "single")
-    errors = []
-    for scheme in schemes:
-        try:
-            spec = RefusalSpec.from_tokenizer(tok, scheme)
-            break
-        except ValueError as e:
-            errors.append(str(e))
-    else:
-        raise ValueError(f"model {args.model!r} has no refusal control tokens in its vocabulary ("
-                         + "; ".join(errors) + "). Calibrate a model fine-tuned with refusal tokens, or "
-                         "name its tokens with --refusal-tokens (and --respond-token).")
+    try:
+        spec = RefusalSpec.find(tok, None if args.scheme == "auto" else args.scheme)
+    except ValueError as e:
+        raise ValueError(f"model {args.model!r} has no refusal control tokens in its vocabulary ({e}). "
+                         "Calibrate a model fine-tuned with refusal tokens, or name its tokens with "
+                         "--refusal-tokens (and --respond-token).") from None
     if args.respond_token is not None:
         spec = RefusalSpec(spec.refusal_ids, _respond_id(tok, args.respond_token), spec.names)
     return spec
-
-
-def _trained_scheme(model: str) -> Optional[tuple[str]]:
-    """The scheme recorded by rtkern's trainer in the checkpoint's ``rtkern.json``, if any."""
-    f = Path(model) / "rtkern.json"
-    try:
-        scheme = json.loads(f.read_text(encoding="utf-8")).get("scheme")
-    except (OSError, ValueError, AttributeError):
-        return None  # not a trainer checkpoint (or unreadable): fall back to probing the vocabulary
-    return (scheme,) if scheme in ("single", "category") else None
 
 
 def _lookup(tok, item: str, vocab: dict) -> int:
@@ -186,19 +181,6 @@ def _explicit_spec(tok, tokens: str, respond: Optional[str]) -> RefusalSpec:
     else:
         respond_id = _respond_id(tok, respond)
     return RefusalSpec(ids, respond_id, names)
-
-
-def protect_control_tokens(tok, spec: RefusalSpec) -> None:
-    """Register the spec's special control tokens with the tokenizer, so that prompt text spelling
-    ``[refuse]`` tokenizes as text (DESIGN.md); ordinary-vocabulary tokens (the paper's checkpoints)
-    are left alone."""
-    inverse = {i: s for s, i in tok.get_vocab().items()}
-    for i in spec.control_ids:
-        if i in inverse:
-            try:
-                tok.add_control_tokens([inverse[i]])
-            except ValueError:
-                pass  # an ordinary vocabulary entry: text can produce it by design of that checkpoint
 
 
 # ---------------------------------------------------------------------------------------------------

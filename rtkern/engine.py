@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 
 from . import fused_decode
-from .adapters._common import per_category
+from .adapters._common import per_category, thresholds_and_mode
 from .kernels._common import triton_runs_on
 from .model import Transformer
 from .sampler import refusal_sample
@@ -31,9 +31,10 @@ Prompt = Union[str, Sequence[int], Sequence[dict]]
 class SamplingParams:
     """Per-request generation settings.
 
-    thresholds : float, [C] sequence, {category name: float} or rtkern.thresholds.Thresholds
-                                                                 refusal threshold per category (>1: off)
-    mode : "category" | "sum" | "free"                           first-token decision rule (DESIGN.md rule 2)
+    thresholds : float, [C] sequence, {category name: float}, or a thresholds file (path or loaded
+                 rtkern.thresholds.Thresholds)                   refusal threshold per category (>1: off)
+    mode : "category" | "sum" | "free" | None                    first-token decision rule (DESIGN.md rule 2);
+                                                                 None: the thresholds file's, else "category"
     temperature : float                                          0 = greedy
     logit_bias : float or [C] sequence                           added to the refusal tokens' logits
     seed : int                                                   with the position, keys every draw
@@ -43,7 +44,7 @@ class SamplingParams:
     """
 
     thresholds: Union[float, Sequence[float], dict] = 0.5
-    mode: str = "category"
+    mode: Optional[str] = None
     temperature: float = 0.0
     logit_bias: Union[float, Sequence[float]] = 0.0
     seed: int = 0
@@ -52,8 +53,11 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, Integral):
+            raise TypeError(f"max_new_tokens must be an int, got {self.max_new_tokens!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
+        self.max_new_tokens = int(self.max_new_tokens)
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         if not isinstance(self.stop, Sequence) or any(not isinstance(s, str) or not s for s in self.stop):
@@ -67,6 +71,7 @@ class SamplingParams:
             raise TypeError(f"seed must be an int, got {self.seed!r}")
         if not -2**63 <= self.seed < 2**63:
             raise ValueError(f"seed must fit in int64, got {self.seed!r}")
+        self.thresholds, self.mode = thresholds_and_mode(self.thresholds, self.mode)
         if not isinstance(self.mode, str) or self.mode not in MODES:
             raise ValueError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
         if not isinstance(self.ignore_eos, bool):
@@ -107,7 +112,9 @@ class Engine:
     ----------
     model : rtkern.model.Transformer (eval mode; its device and dtype are used)
     tokenizer : rtkern.tokenizer.Tokenizer, or None (prompts are token ids; results carry no text)
-    spec : RefusalSpec, or None to read the control tokens from the tokenizer (category scheme, then single)
+    spec : RefusalSpec, or None to read the control tokens from the tokenizer (`RefusalSpec.find`: the
+        scheme the checkpoint was trained with, else category, then single). The tokenizer is told to
+        treat the spec's special tokens as control tokens, which text never produces.
     max_batch : largest batch per forward; bigger requests lists are run in chunks
     cuda_graphs : replay decode steps from CUDA graphs (default: on when the model is on CUDA)
     compile : run the decode step through ``torch.compile`` before capturing it
@@ -130,12 +137,17 @@ class Engine:
         for name, v in (("max_batch", max_batch), ("check_every", check_every)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        for name, v in (("compile", compile), ("cuda_graphs", cuda_graphs)):
+            if v is not None and not isinstance(v, bool):
+                raise TypeError(f"{name} must be a bool, got {v!r}")
         if sampler_backend not in (None, "triton", "torch"):
             raise ValueError(f"sampler_backend must be 'triton', 'torch' or None, got {sampler_backend!r}")
         p = model.embed_tokens.weight
         self.model, self.tok, self.device = model.eval(), tokenizer, p.device
         self.spec = spec if spec is not None else _spec_from_tokenizer(tokenizer)
         self.spec.check_vocab(model.args.vocab_size)
+        if tokenizer is not None:
+            tokenizer.protect(self.spec.control_ids)  # prompt text spelling "[refuse]" stays text
         self.max_batch, self.check_every, self.backend = max_batch, check_every, sampler_backend
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
@@ -195,8 +207,7 @@ class Engine:
 
     def _generate_batch(self, ids: list[list[int]], params: list[SamplingParams]) -> list[GenerationResult]:
         n, steps = len(ids), max(p.max_new_tokens for p in params)
-        lengths = [len(x) for x in ids]
-        self._ensure_cache(max(lengths) + steps)
+        self._ensure_cache(max(len(x) + p.max_new_tokens for x, p in zip(ids, params)))
         slot = self._slot(_bucket(n, self.max_batch))
         slot.load(self, ids, params)
         first = self._prefill(slot, ids)
@@ -230,7 +241,8 @@ class Engine:
             logits = fused_decode.decode_step(self.model, tokens, pos)
         else:
             logits = self.model(tokens[:, None], pos[:, None])[:, -1]
-        pos.add_(1)
+        # a row past its own budget keeps stepping with the batch; hold it at the cache's last slot
+        pos.add_(1).clamp_(max=self.model.max_seq - 1)
         controls.position.copy_(pos)
         refusal_sample(logits, self.spec, controls, out=out, backend=self.backend)
         # invalid rows give -1: feed a harmless id on; the tracker reports those rows as invalid
@@ -319,7 +331,8 @@ class _Tracker:
 
     def __init__(self, engine: Engine, ids, params, first: SampleOutput):
         self.engine, self.params, self.n = engine, params, len(ids)
-        self.eos = set(engine.tok.eos_ids) if engine.tok is not None else set()
+        eos = engine.tok.eos_ids if engine.tok is not None else engine.model.args.eos_token_id
+        self.eos = set(eos) if isinstance(eos, (list, tuple)) else {eos} - {None}
         self.refused = first.refused[:self.n].tolist()
         self.probs = first.refusal_probs[:self.n].float().cpu()
 
@@ -406,11 +419,8 @@ def _request_controls(p: SamplingParams, spec: RefusalSpec) -> RefusalControls:
 
 
 def _spec_from_tokenizer(tok) -> RefusalSpec:
-    errors = []
-    for scheme in ("category", "single"):
-        try:
-            return RefusalSpec.from_tokenizer(tok, scheme=scheme)
-        except ValueError as e:
-            errors.append(str(e))
-    raise ValueError("the tokenizer has no refusal control tokens; pass spec=RefusalSpec(...) "
-                     f"explicitly ({'; '.join(errors)})")
+    try:
+        return RefusalSpec.find(tok)
+    except ValueError as e:
+        raise ValueError(f"the tokenizer has no refusal control tokens; pass spec=RefusalSpec(...) "
+                         f"explicitly ({e})") from None

@@ -142,23 +142,25 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def parse_thresholds(value, spec):
-    """A parsed ``--thresholds`` value (see `threshold_arg`) -> (thresholds for SamplingParams, file mode or None).
+    """A parsed ``--thresholds`` value (see `threshold_arg`) -> thresholds for SamplingParams (a loaded
+    file passes through: SamplingParams takes its mode unless ``--mode`` is given).
 
     Raises ValueError when the value names categories the model's spec lacks.
     """
     if value is None:
-        return DEFAULT_THRESHOLD, None
+        return DEFAULT_THRESHOLD
     if isinstance(value, str):
         value = threshold_arg(value)
     if isinstance(value, (int, float)):
-        return float(value), None
+        return float(value)
     if isinstance(value, dict):
         unknown = [k for k in value if k not in spec.names]
         if unknown:
             raise ValueError(f"--thresholds names unknown categor{'ies' if len(unknown) > 1 else 'y'} {unknown}; "
                              f"this model's categories: {list(spec.names)}")
-        return dict(value), None
-    return value.tensor(spec).tolist(), value.mode
+        return dict(value)
+    value.tensor(spec)  # names the file's categories this model lacks
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -205,8 +207,7 @@ def _setup(args: argparse.Namespace):
                              "(or category) to add untrained ones (this tries the plumbing; the refusals are "
                              "not meaningful), or use a checkpoint trained with them (rtkern train)") from None
         raise
-    thresholds, file_mode = parse_thresholds(args.thresholds, engine.spec)
-    params = SamplingParams(thresholds=thresholds, mode=args.mode or file_mode or "category",
+    params = SamplingParams(thresholds=parse_thresholds(args.thresholds, engine.spec), mode=args.mode,
                             temperature=args.temperature, seed=args.seed, max_new_tokens=args.max_new_tokens,
                             stop=tuple(args.stop))
     return engine, params
@@ -214,10 +215,8 @@ def _setup(args: argparse.Namespace):
 
 def _has_control_tokens(tok) -> bool:
     from .spec import RefusalSpec
-    for scheme in ("category", "single"):
-        try:
-            RefusalSpec.from_tokenizer(tok, scheme=scheme)
-            return True
-        except ValueError:
-            pass
-    return False
+    try:
+        RefusalSpec.find(tok)
+        return True
+    except ValueError:
+        return False

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -39,7 +40,8 @@ def embedded_model_path(name: str = "smollm2-135m-instruct") -> Path:
 
 
 def load_model(name_or_path, *, device=None, dtype=None) -> tuple[Transformer, Tokenizer]:
-    """Load model and tokenizer from an embedded model name, an HF checkpoint directory or a .gguf file.
+    """Load model and tokenizer from an HF checkpoint directory, a .gguf file or an embedded model name
+    (used when no file or directory of that name exists).
 
     ``device`` defaults to CUDA when available, else CPU; ``dtype`` to bfloat16 on CUDA, float32 on CPU.
     """
@@ -48,49 +50,58 @@ def load_model(name_or_path, *, device=None, dtype=None) -> tuple[Transformer, T
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"unsupported dtype {dtype}; use one of {_FLOAT_DTYPES}")
-    key = str(name_or_path).lower()
-    path = embedded_model_path(key) if key in EMBEDDED_MODELS else Path(name_or_path)
+    path, key = Path(name_or_path), str(name_or_path).lower()
+    if not path.exists() and key in EMBEDDED_MODELS:  # a local folder of that name wins
+        path = embedded_model_path(key)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory (known names: {sorted(EMBEDDED_MODELS)})")
     if path.is_dir() and not (path / "config.json").is_file():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             path = ggufs[0]
+    # weights first: their errors name the file and the checkpoint's own tensor name
     if path.is_file():
-        (args, sd, meta), origins = load_gguf_state_dict(path), None
+        args, sd, meta = load_gguf_state_dict(path)
+        model = build_model(args, sd, device=device, dtype=dtype, where=lambda k: (str(path), _gguf_native(k)))
         tok = Tokenizer.from_gguf(path, eos_ids=_as_list(meta.get("tokenizer.ggml.eos_token_id")),
                                   chat_template=meta.get("tokenizer.chat_template"))
     else:
         args, sd, origins = _load_hf(path)
+        model = build_model(args, sd, device=device, dtype=dtype,
+                            where=lambda k: origins.get(k, (str(path), _hf_native(k))))
         tok = Tokenizer.from_dir(path, eos_ids=find_eos_ids(path))
         _register_control_tokens(tok, path)
-    model = build_model(args, sd, device=device, dtype=dtype, source=str(path), origins=origins)
     return model, tok
 
 
 def _register_control_tokens(tok: Tokenizer, path: Path) -> None:
-    # Checkpoints from rtkern's trainer name their control tokens in rtkern.json; registering them keeps
-    # user text that spells "[refuse]" from tokenizing to the control id.
+    # Checkpoints from rtkern's trainer name their control tokens and scheme in rtkern.json; registering
+    # the tokens keeps user text that spells "[refuse]" from tokenizing to the control id.
     f = path / "rtkern.json"
     if not f.is_file():
         return
     try:
         meta = json.loads(f.read_text(encoding="utf-8"))
         strings = list(meta["refusal_tokens"]) + ([meta["respond_token"]] if meta.get("respond_token") else [])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        scheme = meta.get("scheme")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{f}: malformed ({e!r})") from e
+    if scheme not in (None, "single", "category"):
+        raise ValueError(f"{f}: scheme must be 'single' or 'category', got {scheme!r}")
     tok.add_control_tokens(strings)
+    tok.scheme = scheme
 
 
 def build_model(args: ModelArgs, sd: dict, *, device, dtype, source: str = "checkpoint",
-                origins: dict | None = None) -> Transformer:
+                where: Callable[[str], tuple[str, str]] | None = None) -> Transformer:
     """Instantiate without allocating random weights, check every tensor, then assign.
 
-    ``origins`` maps a state-dict name to the (file, name in that file) it came from, so that errors
-    point into the right shard; names without one are reported against ``source``.
+    ``where`` maps one of our state-dict names to the (file, name in that file) it comes from or should
+    come from, so that errors point into the right shard with the checkpoint's own tensor names; without
+    it, errors name ``source`` and our names.
     """
     def at(k):
-        f, name = (origins or {}).get(k, (source, k))
+        f, name = where(k) if where is not None else (source, k)
         return f"{f}: ", name
 
     with torch.device("meta"):
@@ -101,8 +112,9 @@ def build_model(args: ModelArgs, sd: dict, *, device, dtype, source: str = "chec
         sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}  # some tied checkpoints store it too
     missing = [k for k in expected if k not in sd]
     if missing:
-        raise ValueError(f"{source}: missing tensor {missing[0]!r}" + (f" (+{len(missing) - 1} more)"
-                                                                        if len(missing) > 1 else ""))
+        where_, name = at(missing[0])
+        raise ValueError(f"{where_}missing tensor {name!r}" + (f" (+{len(missing) - 1} more)"
+                                                               if len(missing) > 1 else ""))
     unexpected = [k for k in sd if k not in expected]
     if unexpected:
         where, name = at(unexpected[0])
@@ -183,6 +195,10 @@ def _load_hf(path) -> tuple[ModelArgs, dict, dict]:
     return args, hf_to_rtkern_state_dict(sd), {ours: (file_of[k], k) for ours, k in names.items()}
 
 
+def _hf_native(ours: str) -> str:
+    return ours if ours == "lm_head.weight" else "model." + ours
+
+
 # -- GGUF --------------------------------------------------------------------------------------------
 _GGUF_GLOBAL = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
                 "output.weight": "lm_head.weight"}
@@ -215,6 +231,15 @@ def _gguf_name(name: str) -> str | None:
     if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in _GGUF_BLOCK:
         return f"layers.{int(parts[1])}.{_GGUF_BLOCK[parts[2]]}.weight"
     return None
+
+
+def _gguf_native(ours: str) -> str:
+    glob = {v: k for k, v in _GGUF_GLOBAL.items()}
+    if ours in glob:
+        return glob[ours]
+    _, layer, rest = ours.split(".", 2)  # layers.{i}.{module}.weight
+    block = {v: k for k, v in _GGUF_BLOCK.items()}[rest.rsplit(".", 1)[0]]
+    return f"blk.{layer}.{block}.weight"
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:

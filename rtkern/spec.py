@@ -133,6 +133,23 @@ class RefusalSpec:
             raise ValueError(f"tokenizer has no {RESPOND_TOKEN!r} token")
         return cls(ids, respond, names)
 
+    @classmethod
+    def find(cls, tokenizer, scheme: Optional[str] = None) -> "RefusalSpec":
+        """`from_tokenizer` with ``scheme``; None tries the scheme the checkpoint was trained with
+        (``tokenizer.scheme``, read by the loader from ``rtkern.json``), else ``category`` then ``single``.
+
+        Raises ValueError with every scheme's complaint when none is found.
+        """
+        trained = getattr(tokenizer, "scheme", None)
+        schemes = [scheme] if scheme else [trained] if trained in ("single", "category") else ["category", "single"]
+        errors = []
+        for s in schemes:
+            try:
+                return cls.from_tokenizer(tokenizer, s)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError("; ".join(errors))
+
 
 class SampleOutput(NamedTuple):
     """Result of `refusal_sample`.

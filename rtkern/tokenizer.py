@@ -24,6 +24,7 @@ class Tokenizer:
         self._sp = backend if isinstance(backend, _SentencePiece) else None
         self.chat_template = chat_template or getattr(self._hf, "chat_template", None) or None
         self.control_ids: list[int] = []
+        self.scheme: str | None = None  # "single"/"category" when the checkpoint's rtkern.json says so
         vocab = self.get_vocab()
         ids = set(int(i) for i in eos_ids if i is not None)
         tok_eos = self._hf.eos_token_id if self._hf is not None else self._sp.eos_id
@@ -108,6 +109,18 @@ class Tokenizer:
         ids = [vocab[s] for s in strings]
         self.control_ids = sorted(set(self.control_ids) | set(ids))
         return ids
+
+    def protect(self, ids) -> None:
+        """Make the special tokens among ``ids`` control tokens (text can no longer produce them).
+
+        Ids of ordinary vocabulary entries (the paper's checkpoints use plain words) are left alone:
+        that checkpoint's text produces them by design.
+        """
+        inverse = {i: s for s, i in self.get_vocab().items()}
+        special = set(self._special_strings())
+        strings = [inverse[i] for i in ids if i in inverse and inverse[i] in special]
+        if strings:
+            self.add_control_tokens(strings)
 
     # -- encode / decode --------------------------------------------------------------------------
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:

@@ -236,6 +236,44 @@ def test_reuse_across_generate_calls_and_raw_logits_untouched(hf, prompts):
     assert no_controls(res.sequences[:, L + 4:])
 
 
+def test_next_turn_extending_the_last_conversation_is_a_new_generation(hf, prompts):
+    # a chat's second generate call: its prompt is the first call's whole output plus new tokens
+    proc = RefusalLogitsProcessor(SPEC, thresholds=0.0)  # always refuse
+    first = generate(hf, prompts[:2], proc, max_new_tokens=3)
+    turn2 = torch.cat([first, prompts[:2, :4]], 1)
+    out = generate(hf, turn2, proc, max_new_tokens=2)
+    logits = first_logits(hf, turn2)
+    assert proc.prompt_length == turn2.shape[1]
+    torch.testing.assert_close(out[:, turn2.shape[1]], expected(logits, 0.0).tokens)
+    torch.testing.assert_close(proc.refusal_probs, refusal_probs(logits, SPEC), rtol=1e-4, atol=1e-7)
+
+
+def test_thresholds_file_brings_its_mode(tmp_path, prompts, hf):
+    from rtkern.thresholds import save_thresholds
+    path = save_thresholds(tmp_path / "t.json", {n: 0.3 for n in NAMES}, mode="sum")
+    logits = first_logits(hf, prompts)
+    for thresholds in (path, str(path)):
+        proc = RefusalLogitsProcessor(SPEC, thresholds=thresholds)
+        out = generate(hf, prompts, proc, max_new_tokens=1)
+        torch.testing.assert_close(out[:, L], expected(logits, 0.3, mode="sum").tokens)
+    with pytest.raises(ValueError, match="disagrees with the thresholds file's mode 'sum'"):
+        RefusalLogitsProcessor(SPEC, thresholds=path, mode="category")
+    with pytest.raises(FileNotFoundError, match="thresholds file not found"):
+        RefusalLogitsProcessor(SPEC, thresholds=tmp_path / "missing.json")
+
+
+def test_invalid_rows_only_lose_their_control_tokens():
+    scores = torch.randn(3, V, generator=torch.Generator().manual_seed(2))
+    scores[1, 7] = float("nan")
+    proc = RefusalLogitsProcessor(SPEC, thresholds=0.5, prompt_length=4)
+    out = proc(torch.zeros(3, 4, dtype=torch.long), scores)
+    assert proc.refused[1] == -2
+    assert torch.isinf(out[1, list(CONTROL)]).all() and (out[1, list(CONTROL)] < 0).all()
+    rest = torch.ones(V, dtype=torch.bool)
+    rest[list(CONTROL)] = False
+    torch.testing.assert_close(out[1, rest], scores[1, rest], equal_nan=True)
+
+
 def test_beam_search_starts_every_beam_with_the_decision(hf, prompts):
     logits = first_logits(hf, prompts[:4])
     thr = split_thresholds(refusal_probs(first_logits(hf, prompts), SPEC))

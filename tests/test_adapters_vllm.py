@@ -210,3 +210,19 @@ def test_bad_row_index_is_rejected_on_add_and_move(index):
     with pytest.raises(ValueError, match=r"dst must be a persistent-batch row"):
         st.move(0, index, False)
     assert st.requests == {} and st.apply(make_logits(2)).isinf().sum() == 8
+
+
+def test_a_thresholds_file_brings_its_mode(tmp_path):
+    from rtkern.adapters import sglang as rs
+    from rtkern.thresholds import save_thresholds
+    path = save_thresholds(tmp_path / "t.json", {n: 0.2 for n in NAMES}, mode="sum")
+    for thresholds in (path, str(path)):
+        assert rv.RefusalBatchState(SPEC, thresholds=thresholds).defaults["mode"] == "sum"
+        assert rv.make_logits_processor(SPEC, thresholds=thresholds).mode == "sum"
+        assert rs.make_logit_processor(SPEC, thresholds=thresholds).mode == "sum"
+    assert rv.make_logits_processor(SPEC, thresholds=0.2).mode == "category"
+    for make in (lambda: rv.RefusalBatchState(SPEC, thresholds=path, mode="free"),
+                 lambda: rv.make_logits_processor(SPEC, thresholds=path, mode="category"),
+                 lambda: rs.make_logit_processor(SPEC, thresholds=path, mode="category")):
+        with pytest.raises(ValueError, match="disagrees with the thresholds file's mode 'sum'"):
+            make()

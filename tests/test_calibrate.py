@@ -171,11 +171,33 @@ def test_target_rate_is_hit(C, target):
     refused = decisions(probs, choice.thresholds) >= 0
     if C == 1:
         assert target <= refused[y].mean() < target + 1 / y.sum()
-    for k in range(C):
-        own = y & (cat == k)
-        fired = probs[own, k] >= choice.thresholds[k]   # the token's own rate is the target: ceil(target n) / n
-        assert target <= fired.mean() < target + 1 / own.sum()
-        assert refused[own].mean() >= target            # other tokens can only add refusals
+        return
+    own = [y & (cat == k) for k in range(C)]
+
+    def thresholds_at(q):  # each token at its own category's rate-q threshold (q = 0: fires on none)
+        return np.array([threshold_for_rate(probs[rows, k], q) if q else np.nextafter(probs[y, k].max(), 1)
+                         for k, rows in enumerate(own)], np.float32)
+
+    def reached(t):
+        return all((decisions(probs, t) >= 0)[rows].mean() >= target for rows in own)
+
+    # brute force over every share a category can realise: the smallest that reaches the target
+    shares = sorted({j / rows.sum() for rows in own for j in range(rows.sum() + 1)})
+    q = next(q for q in shares if reached(thresholds_at(q)))
+    np.testing.assert_array_equal(choice.thresholds, thresholds_at(q))
+    assert all(refused[rows].mean() >= target for rows in own)
+    assert q < target  # other tokens' refusals count: each token alone fires on less than the target
+
+
+def test_target_rate_counts_every_token():
+    # token 0 also fires on category 1's prompt: choosing each token on its own category would refuse
+    # both should-refuse prompts at target 0 (the bug this guards against)
+    probs = np.array([[.10, .30], [.40, .20], [.35, .25]], np.float32)
+    y, cat = np.array([True, True, False]), np.array([0, 1, -1])
+    zero = choose_for_target_rate(probs, y, cat, 0.0)
+    assert (decisions(probs, zero.thresholds) == -1).all()
+    full = choose_for_target_rate(probs, y, cat, 1.0)
+    assert (decisions(probs, full.thresholds)[y] >= 0).all()
 
 
 @pytest.mark.parametrize("mode", ["category", "sum"])
@@ -435,11 +457,10 @@ def _unbatched(model, tok, prompts, spec):
 
 
 def test_score_equals_unbatched_full_forward(tiny_category):
-    from rtkern.calibrate_cli import protect_control_tokens
     from rtkern.loader import load_model
     model, tok = load_model(tiny_category, device="cpu")
     spec = RefusalSpec.from_tokenizer(tok, "category", require_respond=True)
-    protect_control_tokens(tok, spec)
+    tok.protect(spec.control_ids)
     assert set(spec.control_ids).isdisjoint(tok.apply_chat_template([{"role": "user", "content": PROMPTS[5]}]))
     ref = _unbatched(model, tok, PROMPTS, spec)
     for bs in (1, 3, 8):
@@ -524,12 +545,13 @@ def test_cli_end_to_end(tiny_category, tmp_path, capsys):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and set(rows[0]["probs"]) == set(CATEGORIES) and 0 < rows[0]["respond"] < 1
-    # realised per-category rate of the token's own probability reaches the target
+    # every category's realised refusal rate (any token firing) reaches the target
     probs = np.array([[r["probs"][c] for c in CATEGORIES] for r in rows])
-    for k, c in enumerate(CATEGORIES):
+    refused = decisions(probs, th.tensor(spec).numpy()) >= 0
+    for c in CATEGORIES:
         own = [i for i, r in enumerate(rows) if r["should_refuse"] and r["category"] == c]
         assert own, f"the data gives {c} no should-refuse prompt"
-        assert (probs[own, k] >= th.thresholds[c]).mean() >= 0.5
+        assert refused[own].mean() >= 0.5
     assert "wrote" in capsys.readouterr().out
 
 
@@ -574,3 +596,15 @@ def test_cli_errors(tmp_path, capsys):
         cli.main(["calibrate", "--model", "x", "--data", "y", "--out", "z", "--best-f1", "--target-rate", "0.5"])
     assert e.value.code == 2
     assert "argument --target-rate: not allowed with argument --best-f1" in capsys.readouterr().err
+
+
+def test_cli_unusable_out_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.write_text("a file where the report folder should go")
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before --out was checked")
+    monkeypatch.setattr("rtkern.loader.load_model", no_load)
+    rc = cli.main(["calibrate", "--model", "m", "--data", str(tmp_path / "data.csv"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"rtkern calibrate: error: --out {out}: cannot write the report there" in err

@@ -137,7 +137,9 @@ def test_bad_requests_raise(engine):
     (lambda: SamplingParams(temperature="0.7"), TypeError, r"temperature must be a real number, got '0.7'"),
     (lambda: SamplingParams(temperature=True), TypeError, r"temperature must be a real number, got True"),
     (lambda: SamplingParams(temperature=float("nan")), ValueError, r"temperature must be finite and >= 0"),
-    (lambda: SamplingParams(mode=None), ValueError, r"mode must be one of \['category', 'sum', 'free'\], got None"),
+    (lambda: SamplingParams(mode="any"), ValueError, r"mode must be one of \['category', 'sum', 'free'\], got 'any'"),
+    (lambda: SamplingParams(max_new_tokens=5.0), TypeError, r"max_new_tokens must be an int, got 5.0"),
+    (lambda: SamplingParams(max_new_tokens=0), ValueError, r"max_new_tokens must be >= 1, got 0"),
     (lambda: SamplingParams(stop=None), TypeError, r"stop must be a sequence of non-empty strings, got None"),
 ])
 def test_bad_sampling_params_raise(make, exc, match):
@@ -239,6 +241,16 @@ def test_thresholds_from_a_calibration_file(engine, tmp_path):
     assert r.refused == 0 and r.tokens[0] == engine.spec.refusal_ids[0]
 
 
+def test_thresholds_file_path_and_its_mode(engine, tmp_path):
+    from rtkern.thresholds import save_thresholds
+    path = save_thresholds(tmp_path / "s.json", {"refuse": 0.0}, mode="sum")
+    assert SamplingParams(thresholds=path).mode == "sum" and SamplingParams().mode == "category"
+    r = engine.generate(["hello"], SamplingParams(thresholds=str(path), max_new_tokens=2))[0]
+    assert r.refused == 0 and r.tokens[0] == engine.spec.refusal_ids[0]
+    with pytest.raises(ValueError, match="disagrees with the thresholds file's mode 'sum'"):
+        SamplingParams(thresholds=path, mode="free")
+
+
 @pytest.mark.parametrize("sampler_backend", ["torch", "triton"])
 def test_compiled_decode_step_is_one_graph_and_matches_eager(loaded, monkeypatch, sampler_backend):
     # Dynamo's trace is the same on every device: fullgraph=True fails on any graph break, which on a GPU
@@ -258,3 +270,66 @@ def test_compiled_decode_step_is_one_graph_and_matches_eager(loaded, monkeypatch
     got, want = compiled.generate(PROMPTS[:3], params), eager.generate(PROMPTS[:3], params)
     assert graphs, "the decode step was not traced"
     assert [(r.tokens, r.refused) for r in got] == [(r.tokens, r.refused) for r in want]
+
+
+def _special_control_checkpoint(d, scheme=None):
+    """A tiny checkpoint whose tokenizer holds both schemes' control tokens as special tokens; with
+    ``scheme``, an rtkern.json (as the trainer writes) says which scheme the model was trained with."""
+    import json
+    from rtkern.spec import control_token_strings
+    strings = ["[refuse]", "[respond]"] + control_token_strings("category")[0]
+    tiny_hf(vocab=320, seed=3).save_pretrained(d)
+    save_tokenizer(d, control=strings)
+    if scheme is not None:
+        refuse = ["[refuse]"] if scheme == "single" else control_token_strings("category")[0]
+        (d / "rtkern.json").write_text(json.dumps({"scheme": scheme, "refusal_tokens": refuse,
+                                                   "respond_token": "[respond]"}))
+    return load_model(d, device=DEVICE, dtype=torch.float32)
+
+
+def test_engine_protects_control_tokens_without_rtkern_json(tmp_path):
+    # exported checkpoints (GGUF, HF folders) carry the control tokens as special tokens, no rtkern.json:
+    # the tokenizer alone would turn typed "[refuse]" into the control id
+    model, tok = _special_control_checkpoint(tmp_path)
+    assert tok.token_to_id("[respond]") in tok.encode("please [respond] this")
+    engine = Engine(model, tok)
+    assert engine.spec.names[0] == "Humanizing requests"  # category scheme first when nothing says otherwise
+    ids = engine.encode("please [respond] or [Humanizing requests] this", chat=False)
+    assert tok.token_to_id("[Humanizing requests]") in engine.spec.control_ids
+    assert not set(ids) & set(engine.spec.control_ids)
+
+
+@pytest.mark.parametrize("scheme", ["single", "category"])
+def test_engine_uses_the_trained_scheme(tmp_path, scheme):
+    model, tok = _special_control_checkpoint(tmp_path, scheme)
+    engine = Engine(model, tok)
+    assert engine.spec.num_categories == (1 if scheme == "single" else 5)
+    assert engine.spec.respond_id == tok.token_to_id("[respond]")
+
+
+def test_batch_of_unequal_budgets_fits_each_request(loaded):
+    # the long prompt with a short budget and the short prompt with a long one each fit the model;
+    # so must the batch (it used to be checked as longest prompt + largest budget)
+    model, tok, _ = loaded
+    engine = Engine(model, tok, max_batch=2)
+    limit = model.args.max_position_embeddings
+    long = [5 + i % 200 for i in range(limit - 3)]
+    params = [SamplingParams(max_new_tokens=3, thresholds=2.0, ignore_eos=True),
+              SamplingParams(max_new_tokens=40, thresholds=2.0, ignore_eos=True)]
+    got = engine.generate([long, [5, 6, 7]], params)
+    alone = [engine.generate([p], [q])[0] for p, q in zip([long, [5, 6, 7]], params)]
+    assert [len(r.tokens) for r in got] == [3, 40]
+    assert [r.tokens for r in got] == [r.tokens for r in alone]
+
+
+def test_engine_without_tokenizer_stops_at_the_models_eos(loaded, monkeypatch):
+    model, tok, _ = loaded
+    spec = Engine(model, tok).spec
+    ids = tok.encode("hello world")
+    params = SamplingParams(max_new_tokens=12, thresholds=2.0, ignore_eos=True)
+    free = Engine(model, None, spec).generate([ids], params)[0].tokens
+    stop_at = next(i for i, t in enumerate(free) if i > 1 and t not in spec.control_ids)
+    monkeypatch.setattr(model.args, "eos_token_id", [free[stop_at]])  # a token this model will produce
+    r = Engine(model, None, spec).generate([ids], SamplingParams(max_new_tokens=12, thresholds=2.0))[0]
+    first = free.index(free[stop_at])
+    assert r.finish_reason == "eos" and r.tokens == free[:first + 1]

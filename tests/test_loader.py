@@ -146,14 +146,15 @@ def test_rejects_truncated_safetensors(saved):
 
 
 @pytest.mark.parametrize("edit, where, match", [
-    (lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"), "", "missing tensor 'layers.1.mlp.up_proj.weight'"),
+    (lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"), "", "missing tensor 'model.layers.1.mlp.up_proj.weight'"),
     (lambda sd: sd.__setitem__("model.norm.weight", torch.ones(65)), "model.safetensors",
      r"tensor 'model.norm.weight' has shape (65,), expected (64,)"),
     (lambda sd: sd.__setitem__("model.layers.0.self_attn.q_proj.bias", torch.zeros(64)), "model.safetensors",
      "unexpected tensor 'model.layers.0.self_attn.q_proj.bias' (unsupported architecture?)"),
 ], ids=["missing", "shape", "unexpected"])
 def test_rejects_bad_tensor_naming_checkpoint_and_tensor(saved, edit, where, match):
-    # a tensor that is there is reported in its file under its own name; a missing one against the checkpoint
+    # a tensor that is there is reported in its file under its own name; a missing one against the
+    # checkpoint, under the name it should have had
     _resave(saved, edit)
     with pytest.raises(ValueError, match=re.escape(f"{saved / where if where else saved}: {match}")):
         load_model(saved, device="cpu")
@@ -283,18 +284,41 @@ def test_gguf_rejects_truncated_and_unsupported(tmp_path):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(skip={"blk.1.ffn_up.weight"}), "missing tensor 'layers.1.mlp.up_proj.weight'"),
-    (dict(extra={"output_norm.weight": np.ones(65)}), "tensor 'norm.weight' has shape (65,), expected (64,)"),
+    (dict(skip={"blk.1.ffn_up.weight"}), "missing tensor 'blk.1.ffn_up.weight'"),
+    (dict(extra={"output_norm.weight": np.ones(65)}), "tensor 'output_norm.weight' has shape (65,), expected (64,)"),
+    (dict(extra={"blk.1.attn_k.weight": np.ones((64, 64))}), "tensor 'blk.1.attn_k.weight' has shape (64, 64), "
+                                                             "expected (32, 64)"),
     (dict(extra={"blk.0.attn_q.bias": np.zeros(64)}), "unexpected tensor 'blk.0.attn_q.bias' (unsupported"),
     (dict(skip={"token_embd.weight"}), "missing tensor 'token_embd.weight'"),
     (dict(no_meta={"add_block_count"}), "missing GGUF metadata 'llama.block_count'"),
-], ids=["missing", "shape", "unexpected", "no-embedding", "no-metadata"])
+], ids=["missing", "shape", "block-shape", "unexpected", "no-embedding", "no-metadata"])
 def test_gguf_rejects_bad_tensor_naming_file_and_tensor(tmp_path, kw, match):
+    # every tensor under the GGUF file's own name, whether it is there or missing
     path = tmp_path / "bad.gguf"
     write_gguf(path, tiny_hf(vocab=96), **kw)
     with pytest.raises(ValueError, match=re.escape(f"{path}: {match}")):
-        args, sd, _ = load_gguf_state_dict(path)
-        build_model(args, sd, device="cpu", dtype=torch.float32, source=str(path))
+        load_model(path, device="cpu")
+
+
+def test_local_folder_wins_over_the_embedded_name(tmp_path, monkeypatch):
+    # what downloading SmolLM2-135M-Instruct from the hub leaves in the working directory
+    local = tmp_path / "SmolLM2-135M-Instruct"
+    tiny_hf().save_pretrained(local)
+    save_tokenizer(local)
+    monkeypatch.chdir(tmp_path)
+    model, _ = load_model("SmolLM2-135M-Instruct", device="cpu")
+    assert model.args.n_layers == tiny_hf().config.num_hidden_layers
+
+
+@pytest.mark.parametrize("meta, match", [
+    ({"refusal_tokens": ["[refuse]"], "scheme": "binary"}, "scheme must be 'single' or 'category', got 'binary'"),
+    ({"scheme": "single"}, "malformed"),
+    (["[refuse]"], "malformed"),
+])
+def test_rejects_bad_rtkern_json(saved, meta, match):
+    (saved / "rtkern.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=re.escape(f"{saved / 'rtkern.json'}: {match}")):
+        load_model(saved, device="cpu")
 
 
 def _check_control_tokens(tok):
@@ -340,12 +364,28 @@ def test_embedded_smollm2_matches_transformers(smollm2):
     hf.load_state_dict(res["tensors"], strict=False)
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     assert tok.decode(ids).startswith("<|im_start|>system")
-    x = torch.tensor([ids])
-    with torch.no_grad():
-        ours, ref = model(x)[0, -1], hf(x).logits[0, -1]
-    assert int(ours.argmax()) == int(ref.argmax())
-    assert float((ours - ref).norm() / ref.norm()) < 1e-3
     assert 2 in tok.eos_ids and tok.vocab_size == 49152
+    x = torch.tensor([ids])
+
+    def agree(ours, ref, where):  # [T, V] each: top-1 identical and relative error < 1e-3 at every position
+        assert torch.equal(ours.argmax(-1), ref.argmax(-1)), where
+        rel = (ours - ref).norm(dim=-1) / ref.norm(dim=-1)
+        assert float(rel.max()) < 1e-3, (where, rel.max())
+
+    # prefill at every position, then 32 cached decode steps on both sides, fed transformers' greedy tokens
+    import inspect
+    cache = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"  # renamed in 5.2x
+    model.setup_cache(1, len(ids) + 32)
+    try:
+        with torch.no_grad():
+            out = hf(x, use_cache=True)
+            agree(model(x)[0], out.logits[0], "prefill")
+            for i in range(32):
+                nxt = out.logits[0, -1].argmax().view(1, 1)
+                out = hf(nxt, use_cache=True, **{cache: getattr(out, cache)})
+                agree(model(nxt, torch.tensor([len(ids) + i]))[0], out.logits[0], f"decode step {i}")
+    finally:
+        model.remove_cache()
 
 
 def test_embedded_smollm2_control_tokens(smollm2):

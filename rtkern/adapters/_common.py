@@ -8,6 +8,7 @@ argument and the spec's categories.
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Mapping, Sequence
 from numbers import Real
 from typing import Union
@@ -15,7 +16,7 @@ from typing import Union
 import torch
 
 from ..spec import MODES, RefusalSpec
-from ..thresholds import Thresholds
+from ..thresholds import Thresholds, load_thresholds
 
 PerCategory = Union[float, int, Sequence, Mapping, torch.Tensor]
 
@@ -84,6 +85,26 @@ def category_index(name: str, key, spec: RefusalSpec) -> int:
             raise ValueError(f"{name}: category index {key} is out of range for {spec.num_categories} categories")
         return key
     raise TypeError(f"{name}: mapping keys must be category names or indices, got {key!r}")
+
+
+def thresholds_and_mode(thresholds, mode):
+    """Let a thresholds file bring its own decision rule.
+
+    ``thresholds`` given as a path is loaded (`load_thresholds`); a loaded file's ``mode`` is used when
+    ``mode`` is None and must agree with it otherwise, since the file's values were calibrated for it.
+    Any other ``thresholds`` passes through, and a None ``mode`` becomes ``"category"``.
+    """
+    if isinstance(thresholds, (str, os.PathLike)):
+        thresholds = load_thresholds(thresholds)
+    if not isinstance(thresholds, Thresholds):
+        return thresholds, "category" if mode is None else mode
+    if mode is None:
+        return thresholds, thresholds.mode
+    modes = [mode] if isinstance(mode, str) else list(mode) if isinstance(mode, Sequence) else [mode]
+    if any(m != thresholds.mode for m in modes):
+        raise ValueError(f"mode {mode!r} disagrees with the thresholds file's mode {thresholds.mode!r}, "
+                         "for which its values were calibrated; leave mode unset to use the file's")
+    return thresholds, mode
 
 
 def per_row_modes(mode) -> Union[str, list[str]]:

@@ -33,7 +33,7 @@ import torch
 
 from ..sampler import apply_refusal_
 from ..spec import RefusalControls, RefusalSpec
-from ._common import PerCategory, per_category, per_row_modes
+from ._common import PerCategory, per_category, per_row_modes, thresholds_and_mode
 
 try:
     from transformers import LogitsProcessor as _Base
@@ -55,12 +55,14 @@ class RefusalLogitsProcessor(_Base):
     ----------
     spec : RefusalSpec
         The model's refusal token ids (C categories) and optional ``[respond]`` id.
-    thresholds : float, sequence, mapping or torch.Tensor, default 0.5
-        Refusal threshold per category: a scalar, ``[C]``, per prompt ``[B, C]``, or a mapping from
-        category name (``spec.names``) or index to value (unnamed categories keep 0.5). A value above 1
+    thresholds : float, sequence, mapping, torch.Tensor, or a thresholds file, default 0.5
+        Refusal threshold per category: a scalar, ``[C]``, per prompt ``[B, C]``, a mapping from
+        category name (``spec.names``) or index to value (unnamed categories keep 0.5), or a file from
+        ``rtkern calibrate`` (its path, or `rtkern.thresholds.load_thresholds`'s result). A value above 1
         switches a category off. ``sum`` mode reads column 0.
-    mode : str or sequence of str, default "category"
-        ``"category"``, ``"sum"`` or ``"free"`` (DESIGN.md), for every prompt or one per prompt.
+    mode : str or sequence of str, optional
+        ``"category"``, ``"sum"`` or ``"free"`` (DESIGN.md), for every prompt or one per prompt. None
+        (default): the thresholds file's mode, else ``"category"``.
     logit_bias : float, sequence, mapping or torch.Tensor, default 0.0
         Added to each refusal token's logit before anything else; same forms as ``thresholds``
         (unnamed categories keep 0).
@@ -68,7 +70,8 @@ class RefusalLogitsProcessor(_Base):
         Length of ``input_ids`` at the first generated position (the padded prompt length for
         decoder-only models, 1 for encoder-decoder models). None (default) detects it: a call starts a
         new generation when it is the processor's first, when the number of rows changes, when
-        ``input_ids`` is no longer than the last prompt, or when its first ``prompt_length`` tokens
+        ``input_ids`` is not exactly one token longer than at the previous call (a new ``generate`` whose
+        prompt extends the last conversation included), or when its first ``prompt_length`` tokens
         differ from that prompt (a comparison that waits on the device once per step).
     backend : {"triton", "torch", None}
         Passed to `apply_refusal_`; None picks Triton on CUDA and the PyTorch reference elsewhere.
@@ -79,8 +82,8 @@ class RefusalLogitsProcessor(_Base):
         float32 ``[R, C]``: softmax probability (temperature 1, bias applied) of each refusal token at
         the first generated position of the latest generation; NaN on invalid rows.
     refused : torch.Tensor or None
-        int32 ``[R]``: category index, -1 not refusing, -2 invalid row (NaN/+inf scores: the scores are
-        left as they are), ``PENDING`` (-3) for a ``free`` row until the next call shows which token
+        int32 ``[R]``: category index, -1 not refusing, -2 invalid row (NaN/+inf scores: only the control
+        tokens change, to -inf, so that none is ever drawn), ``PENDING`` (-3) for a ``free`` row until the next call shows which token
         was drawn (then its category or -1).
     forced_tokens : torch.Tensor or None
         int64 ``[R]``: the token forced at the first position, or -1 where the sampler chooses.
@@ -97,7 +100,7 @@ class RefusalLogitsProcessor(_Base):
     # transformers' continuous-batching path calls processors on packed rows of many requests.
     supports_continuous_batching = False
 
-    def __init__(self, spec: RefusalSpec, *, thresholds: PerCategory = 0.5, mode="category",
+    def __init__(self, spec: RefusalSpec, *, thresholds: PerCategory = 0.5, mode=None,
                  logit_bias: PerCategory = 0.0, prompt_length: Optional[int] = None,
                  backend: Optional[str] = None) -> None:
         if not isinstance(spec, RefusalSpec):
@@ -108,6 +111,7 @@ class RefusalLogitsProcessor(_Base):
         if backend not in (None, "torch", "triton"):
             raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
         C = spec.num_categories
+        thresholds, mode = thresholds_and_mode(thresholds, mode)
         thr = per_category("thresholds", thresholds, spec, default=0.5)
         bias = per_category("logit_bias", logit_bias, spec, default=0.0)
         modes = per_row_modes(mode)
@@ -138,6 +142,7 @@ class RefusalLogitsProcessor(_Base):
     def reset(self) -> None:
         """Forget the current generation and its records; the next call is a first generated position."""
         self._prompt: Optional[torch.Tensor] = None
+        self._last_length: Optional[int] = None
         self._pending: Optional[torch.Tensor] = None
         self.prompt_length: Optional[int] = None
         self.refusal_probs: Optional[torch.Tensor] = None
@@ -169,7 +174,9 @@ class RefusalLogitsProcessor(_Base):
         if not scores.is_floating_point():
             raise TypeError(f"scores must be floating point, got {scores.dtype}")
         self.spec.check_vocab(scores.shape[1])  # later positions only index_fill, which checks nothing
-        if self._starts_generation(input_ids):
+        starts = self._starts_generation(input_ids)
+        self._last_length = input_ids.shape[1]
+        if starts:
             return self._first_step(input_ids, scores)
         self._resolve_pending(input_ids)
         return scores.index_fill(1, self._control_ids(scores.device), float("-inf"))
@@ -182,7 +189,7 @@ class RefusalLogitsProcessor(_Base):
                                  f"{self._fixed_prompt_length}")
             return length == self._fixed_prompt_length
         prompt = self._prompt
-        if prompt is None or prompt.shape[0] != rows or length <= prompt.shape[1]:
+        if prompt is None or prompt.shape[0] != rows or length != self._last_length + 1:
             return True
         if prompt.device != input_ids.device:
             return True

@@ -44,7 +44,7 @@ from typing import Any, Optional
 import torch
 
 from ..spec import RefusalSpec
-from ._common import PerCategory, optional_base
+from ._common import PerCategory, optional_base, thresholds_and_mode
 from ._requests import EXTRA_ARGS, check_logits, refuse_rows, reject_unknown_args, request_controls
 
 _SGLangBase, _SGLANG_IMPORT_ERROR = optional_base("sglang.srt.sampling.custom_logit_processor",
@@ -137,7 +137,7 @@ def validate_custom_params(processor: type, custom_params: Optional[Mapping[str,
                      logit_bias=processor.logit_bias)
 
 
-def make_logit_processor(spec: RefusalSpec, *, thresholds: PerCategory = 0.5, mode: str = "category",
+def make_logit_processor(spec: RefusalSpec, *, thresholds: PerCategory = 0.5, mode: Optional[str] = None,
                          logit_bias: PerCategory = 0.0, backend: Optional[str] = None) -> type:
     """A `RefusalLogitProcessor` subclass bound to ``spec`` and these defaults.
 
@@ -147,6 +147,8 @@ def make_logit_processor(spec: RefusalSpec, *, thresholds: PerCategory = 0.5, mo
         The model's control tokens (`RefusalSpec.from_tokenizer`).
     thresholds, mode, logit_bias
         Defaults for requests whose ``custom_params`` leave them out (forms of `request_controls`).
+        ``thresholds`` may be a thresholds file (path or loaded), whose mode then applies when ``mode``
+        is None (the default; otherwise ``"category"``).
     backend : {"triton", "torch", None}
         Passed to `rtkern.apply_refusal_` (None: the fused kernel on CUDA).
 
@@ -159,6 +161,7 @@ def make_logit_processor(spec: RefusalSpec, *, thresholds: PerCategory = 0.5, mo
         raise TypeError(f"spec must be a RefusalSpec, got {type(spec).__name__}")
     if backend not in (None, "torch", "triton"):
         raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    thresholds, mode = thresholds_and_mode(thresholds, mode)
     if not isinstance(mode, str):
         raise TypeError(f"mode must be one string for the processor's default, got {mode!r}")
     request_controls(spec, None, thresholds=thresholds, mode=mode, logit_bias=logit_bias)

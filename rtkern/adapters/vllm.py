@@ -60,7 +60,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..spec import CATEGORIES, MODES, RefusalSpec, SampleOutput
-from ._common import PerCategory, optional_base
+from ._common import PerCategory, optional_base, thresholds_and_mode
 from ._requests import EXTRA_ARGS, check_logits, refuse_rows, reject_unknown_args, request_controls
 
 _VLLMBase, _VLLM_IMPORT_ERROR = optional_base("vllm.v1.sample.logits_processor", "LogitsProcessor")
@@ -95,6 +95,8 @@ class RefusalBatchState:
         The model's control tokens.
     thresholds, mode, logit_bias
         Defaults for requests whose ``extra_args`` do not set them.
+        ``thresholds`` may be a thresholds file (path or loaded), whose mode then applies when ``mode``
+        is None (the default; otherwise ``"category"``).
     device : torch.device
         Where the logits live.
     pin_memory : bool
@@ -110,11 +112,12 @@ class RefusalBatchState:
         `apply_refusal_`'s result for those rows (``refusal_probs [F, C]``, ``refused [F]``, ...).
     """
 
-    def __init__(self, spec: RefusalSpec, *, thresholds: PerCategory = 0.5, mode: str = "category",
+    def __init__(self, spec: RefusalSpec, *, thresholds: PerCategory = 0.5, mode: Optional[str] = None,
                  logit_bias: PerCategory = 0.0, device=None, pin_memory: bool = False,
                  backend: Optional[str] = None) -> None:
         if not isinstance(spec, RefusalSpec):
             raise TypeError(f"spec must be a RefusalSpec, got {type(spec).__name__}")
+        thresholds, mode = thresholds_and_mode(thresholds, mode)
         if not isinstance(mode, str):
             raise TypeError(f"mode must be one string for the processor's default, got {mode!r}")
         if backend not in (None, "torch", "triton"):
@@ -244,14 +247,11 @@ def _spec_from_vllm_config(vllm_config, scheme: Optional[str]) -> RefusalSpec:
 
     tok = AutoTokenizer.from_pretrained(path, revision=getattr(mc, "tokenizer_revision", None),
                                         local_files_only=True, trust_remote_code=False)
-    errors = []
-    for s in ([scheme] if scheme else ["category", "single"]):
-        try:
-            return RefusalSpec.from_tokenizer(tok, s)
-        except ValueError as e:
-            errors.append(str(e))
-    raise ValueError(f"the tokenizer at {path} has no refusal control tokens ({'; '.join(errors)}); pass "
-                     f"the spec with rtkern.adapters.vllm.make_logits_processor(spec)")
+    try:
+        return RefusalSpec.find(tok, scheme)
+    except ValueError as e:
+        raise ValueError(f"the tokenizer at {path} has no refusal control tokens ({e}); pass "
+                         f"the spec with rtkern.adapters.vllm.make_logits_processor(spec)")
 
 
 class RefusalLogitsProcessor(_VLLMBase):
@@ -330,7 +330,7 @@ def _validation_spec(extra: Mapping) -> RefusalSpec:
 
 
 def make_logits_processor(spec: Optional[RefusalSpec] = None, *, thresholds: PerCategory = 0.5,
-                          mode: str = "category", logit_bias: PerCategory = 0.0, scheme: Optional[str] = None,
+                          mode: Optional[str] = None, logit_bias: PerCategory = 0.0, scheme: Optional[str] = None,
                           backend: Optional[str] = None) -> type:
     """A `RefusalLogitsProcessor` subclass bound to a spec and default controls, for ``LLM(logits_processors=[...])``.
 
@@ -342,6 +342,8 @@ def make_logits_processor(spec: Optional[RefusalSpec] = None, *, thresholds: Per
     thresholds, mode, logit_bias
         Defaults for requests that do not set ``refusal_*`` extra arguments (forms as in
         `request_controls`).
+        ``thresholds`` may be a thresholds file (path or loaded), whose mode then applies when ``mode``
+        is None (the default; otherwise ``"category"``).
     scheme : {"category", "single", None}
         Which control tokens to look for when ``spec`` is None (None: category, then single).
     backend : {"triton", "torch", None}
@@ -352,6 +354,7 @@ def make_logits_processor(spec: Optional[RefusalSpec] = None, *, thresholds: Per
     type
         The subclass (built even without vLLM, whose absence is reported when vLLM constructs it).
     """
+    thresholds, mode = thresholds_and_mode(thresholds, mode)
     if spec is not None:
         request_controls(spec, None, thresholds=thresholds, mode=mode, logit_bias=logit_bias)
     elif not isinstance(mode, str) or mode not in MODES:
