@@ -65,6 +65,19 @@ def test_cli_reports_malformed_data(setup, tmp_path, capsys):
     assert "parallel must be one of auto, ddp, fsdp, got 'zero3'" in capsys.readouterr().err
 
 
+def test_cli_resume_without_checkpoint_and_mistyped_config(setup, tmp_path, capsys):
+    base, data = setup
+    out = tmp_path / "empty"
+    assert main(_args(base, data, out, "--max-steps", "1", "--resume")) == 1
+    assert f"no resumable checkpoint in {out}" in capsys.readouterr().err
+    assert not (out / "final").exists() and not (out / "metrics.jsonl").exists()
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"packing": "false", "lr": "1e-3"}')
+    assert main(["train", "--data", str(data), "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "packing must be true or false, got 'false' (str)" in err and "lr must be a finite number" in err
+
+
 def test_parallel_flag_and_setting(capsys):
     assert main(["train", "--parallel", "fsdp", "--set", "fsdp_accum_sync=yes", "--print-config"]) == 0
     cfg = json.loads(capsys.readouterr().out)

@@ -137,7 +137,7 @@ def test_coconot_rows_split_and_skips(tmp_path, caplog):
              "response": "I can't know that."} for i in ids]
     rows[0]["response"] = None
     rows[1]["is_refusal"] = False
-    res = read_file(write_jsonl(tmp_path / "c.jsonl", rows))
+    res = read_file(write_jsonl(tmp_path / "c.jsonl", rows), split="train")
     train_ids = [i for i in ids[2:] if coconot_split(i) == "train"]
     assert [r.id for r in res.records] == train_ids
     assert all(r.label == "Indeterminate requests" and r.pool == "refusal" for r in res.records)
@@ -148,6 +148,26 @@ def test_coconot_rows_split_and_skips(tmp_path, caplog):
         r["response"] = ""
     with pytest.raises(DataError, match="no trainable rows"):
         read_file(write_jsonl(tmp_path / "empty.jsonl", rows))
+
+
+def test_user_coconot_format_file_keeps_every_row(tmp_path, caplog):
+    """The fixed split belongs to the shipped original prompts (the recipe), not to a user's file that
+    happens to have CoCoNot's fields; where a split is asked for, the rows it leaves out are counted."""
+    ids = [f"u{i}" for i in range(30)]
+    rows = [{"id": i, "category": "Incomplete requests", "subcategory": "s", "prompt": f"p {i}",
+             "response": "Could you say more?"} for i in ids]
+    f = write_jsonl(tmp_path / "mine.jsonl", rows)
+    n_test = sum(coconot_split(i) == "test" for i in ids)
+    assert 0 < n_test < len(ids)
+    assert [r.id for r in load_data([str(f)])] == ids
+    assert [r.id for r in read_file(f).records] == ids
+    with caplog.at_level("INFO", logger="rtkern.train"):
+        res = read_file(f, split="train")
+    assert len(res.records) == len(ids) - n_test and res.other_split == n_test
+    assert f"left out {n_test} row(s)" in caplog.text
+    only_test = write_jsonl(tmp_path / "t.jsonl", [r for r in rows if coconot_split(r["id"]) == "test"])
+    with pytest.raises(DataError, match=f"all {n_test} row"):
+        read_file(only_test, split="train")
 
 
 def test_load_data_pool_override(tmp_path):
@@ -225,7 +245,7 @@ def test_prompt_spelling_a_control_token_stays_text(prepared):
     assert [i for i in ex.ids if i in controls] == [ctrl.respond_id]
 
 
-def test_truncation_and_category_scheme_needs_category(base):
+def test_truncation_and_category_scheme_needs_category(base, caplog):
     model, tok = load_model(base, device="cpu", dtype=torch.float32)
     ctrl = add_control_tokens(model, tok, "category")
     rec = Record("write a poem about the sea", "the sea is blue and wide " * 10, "respond", "respond", "t:1")
@@ -233,6 +253,10 @@ def test_truncation_and_category_scheme_needs_category(base):
     cut = build_example(tok, rec, ctrl.respond_id, max_len=full.n_prompt + 3)
     assert cut.ids == full.ids[:full.n_prompt + 3] and cut.n_prompt == full.n_prompt
     assert build_example(tok, rec, ctrl.respond_id, max_len=full.n_prompt) is None
+    short = Record("x", "y", "respond", "respond", "t:3")
+    with caplog.at_level("WARNING", logger="rtkern.train"):
+        kept = build_examples(tok, [rec, short, rec], ctrl, max_len=full.n_prompt)
+    assert [e.source for e in kept] == ["t:3"] and "skipped 2 of 3 record(s)" in caplog.text
     with pytest.raises(DataError, match="t:2: .*needs its category"):
         build_examples(tok, [Record("x", "y", "refuse", "refusal", "t:2")], ctrl)
 

@@ -59,3 +59,24 @@ def test_resize_errors(tmp_path):
         resize_vocab(model, 320, init_rows=[400])
     with pytest.raises(ValueError, match="scheme"):
         add_control_tokens(model, tok, "both")
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_padding_rows_keep_their_values_and_the_mean_is_over_the_tokens_rows(tmp_path, tie):
+    """What the docstring says: a base with 384 rows and fewer tokens. The new ids (taken from the padding)
+    get the mean of rows [0, n), n = the tokenizer's size; the other padding rows stay the base's."""
+    model, tok = load_model(make_base(tmp_path, tie=tie, vocab=384), device="cpu", dtype=torch.float32)
+    n = len(tok)
+    assert n + 6 < 384
+    before = [w.detach().clone() for w in (model.embed_tokens.weight, model.lm_head.weight)]
+    ctrl = add_control_tokens(model, tok, "category")
+    assert model.embed_tokens.num_embeddings == 384          # already a multiple of 64: no growth
+    new = list(ctrl.refusal_ids) + [ctrl.respond_id]
+    assert new == list(range(n, n + 6))
+    for w, w0 in zip((model.embed_tokens.weight, model.lm_head.weight), before):
+        assert torch.equal(w[:n], w0[:n]) and torch.equal(w[n + 6:], w0[n + 6:])
+        for r in new:
+            torch.testing.assert_close(w[r], w0[:n].mean(0))
+        assert not torch.allclose(w0[:n].mean(0), w0.mean(0))   # the mean over all rows would differ
+    doc = " ".join(add_control_tokens.__doc__.split())
+    assert "padding rows that no token uses" in doc and "mean of the rows ``[0, n)``" in doc

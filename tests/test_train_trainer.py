@@ -3,6 +3,7 @@ schedule and config."""
 import json
 import math
 import os
+import re
 import signal
 
 import pytest
@@ -234,3 +235,113 @@ def test_config_overrides_and_validation(tmp_path):
     p.write_text(json.dumps({"learning_rate": 1e-3}))
     with pytest.raises(ValueError, match="unknown"):
         TrainConfig.from_json(p)
+
+
+@pytest.mark.parametrize("key, value, want", [
+    ("packing", "false", "packing must be true or false, got 'false' (str)"),
+    ("lr", "1e-3", "lr must be a finite number, got '1e-3' (str)"),
+    ("out", None, "out must be a string, got None"),
+    ("seq_len", 64.0, "seq_len must be an integer, got 64.0 (float)"),
+    ("batch_size", True, "batch_size must be an integer, got True (bool)"),
+    ("max_steps", "10", "max_steps must be an integer or null, got '10'"),
+    ("weight_decay", False, "weight_decay must be a finite number, got False (bool)"),
+    ("data", "a.jsonl", "data must be a list of strings"),
+    ("data", ["a", 1], "data must be a list of strings"),
+    ("mix", [1, 1, 2], "mix must be a string or null"),
+    ("epochs", float("inf"), "epochs must be a finite number, got inf"),
+    ("lr", float("inf"), "lr must be a finite number, got inf"),
+    ("weight_decay", float("nan"), "weight_decay must be a finite number, got nan"),
+    ("grad_clip", float("nan"), "grad_clip must be a finite number"),
+    ("eps", float("nan"), "eps must be a finite number"),
+    ("device", "gpu", "--device 'gpu' is not a device"),
+    ("device", 0, "device must be a string or null"),
+])
+def test_config_fields_are_type_checked(tmp_path, key, value, want):
+    with pytest.raises(ValueError, match=re.escape(want)):
+        TrainConfig.from_dict({key: value})
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({key: value}))          # JSON writes inf/nan as Infinity/NaN, which it reads
+    with pytest.raises(ValueError, match=re.escape(f"{p}: {want}")):
+        TrainConfig.from_json(p)
+
+
+def test_config_accepts_what_the_annotations_allow(monkeypatch):
+    cfg = TrainConfig.from_dict({"lr": 1, "max_steps": None, "mix": None, "packing": False, "device": "cpu",
+                                 "data": ["a", "b@respond"]})
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.packing is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device 'cuda:1': CUDA is not available"):
+        TrainConfig(device="cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert TrainConfig(device="cuda:0").device == "cuda:0"
+    with pytest.raises(ValueError, match="--device 'cuda:1': only 1 CUDA device"):
+        TrainConfig(device="cuda:1")
+
+
+def _data(tmp_path, n=12, seed=0, name="d.jsonl"):
+    return write_jsonl(tmp_path / name, [{"prompt": r.prompt, "response": r.response,
+                                          "category": "" if r.label == "respond" else r.label}
+                                         for r in records(n, seed=seed)])
+
+
+def test_resume_without_a_checkpoint_refuses(base, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    cfg = TrainConfig(base=str(base), data=[str(_data(tmp_path))], out=str(out), device="cpu", resume="auto",
+                      progress=False, plot=False, max_steps=1)
+    with pytest.raises(FileNotFoundError, match=f"no resumable checkpoint in {re.escape(str(out))}"):
+        build_trainer(cfg, None)
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+    assert not (out / "final").exists()
+
+
+def test_resume_refuses_a_changed_data_layout(base, tmp_path):
+    data = _data(tmp_path)
+    out = tmp_path / "run"
+    common = dict(base=str(base), data=[str(data)], out=str(out), device="cpu", progress=False, plot=False,
+                  seq_len=128, batch_size=4, epochs=1.0, lr=3e-3, warmup_steps=1, save_every=1, keep_last=1)
+    assert build_trainer(TrainConfig(**common), None).train()["step"] == 3       # 12 rows, 4 per step
+    assert [c.name for c in list_checkpoints(out)] == ["checkpoint-0000002"]
+
+    def resume(**change):
+        return build_trainer(TrainConfig(**{**common, "resume": "auto", **change}), None)
+
+    with pytest.raises(ValueError, match=r"epochs: 1\.0 then, 2\.0 now"):
+        resume(epochs=2.0)
+    with pytest.raises(ValueError) as e:
+        resume(seq_len=100, batch_size=2, seed=1)
+    assert all(s in str(e.value) for s in ("seq_len: 128 then, 100 now", "global_batch: 4 then, 2 now",
+                                           "seed: 0 then, 1 now", "--base"))
+    with pytest.raises(ValueError, match=r"max_steps: None then, 5 now"):
+        resume(max_steps=5)
+    with pytest.raises(ValueError, match="packing: False then, True now"):
+        resume(packing=True)
+    with pytest.raises(ValueError, match="mix: None then"):
+        resume(mix="1:0:1")
+    with pytest.raises(ValueError, match="data: the tokenized examples differ"):
+        resume(data=[str(_data(tmp_path, n=13, name="other.jsonl"))])
+    # the same global batch split differently, and the same examples from another path: the same run
+    assert resume(batch_size=2, grad_accum=2).step == 2
+    copy = tmp_path / "moved.jsonl"
+    copy.write_bytes(data.read_bytes())
+    tr = resume(data=[str(copy)])
+    assert tr.step == 2 and tr.total_steps == 3
+
+
+def test_resume_keeps_the_metrics_window(base, tmp_path):
+    """log_every=2, checkpoint at step 3: the step-4 record covers steps 3 and 4 as in a run without a stop."""
+    common = dict(base=str(base), data=[str(_data(tmp_path))], device="cpu", progress=False, plot=False,
+                  seq_len=128, batch_size=2, max_steps=6, lr=3e-3, warmup_steps=1, log_every=2, save_every=3)
+    full = tmp_path / "full"
+    build_trainer(TrainConfig(out=str(full), **common), None).train()
+    ckpt = full / "checkpoint-0000003"
+    resumed = tmp_path / "resumed"
+    build_trainer(TrainConfig(out=str(resumed), resume=str(ckpt), **common), None).train()
+    ref = {r["step"]: r for r in map(json.loads, (full / "metrics.jsonl").read_text().splitlines())}
+    got = [json.loads(l) for l in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in got] == [4, 6] and sorted(ref) == [2, 4, 6]
+    for r in got:
+        for k in ("loss", "tokens", "target_tokens", "lr", "grad_norm", "epoch"):
+            assert r[k] == ref[r["step"]][k], (r["step"], k)

@@ -7,6 +7,7 @@ builds the same stream and takes its own share of each step, and a resumed run c
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,16 @@ def parse_mix(text: str | None) -> tuple[float, ...] | None:
         raise ValueError(f"mix needs {len(POOLS)} non-negative weights (refusal:contrast:respond) with a "
                          f"positive sum, got {text!r}")
     return w
+
+
+def examples_digest(examples) -> str:
+    """SHA-256 over the examples in order (pool, prompt length, token ids): the same digest means the same
+    rows for the same stream settings, whatever files the examples were read from."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(f"{e.pool}:{e.n_prompt}:{len(e.ids)};".encode())
+        h.update(np.asarray(e.ids, dtype=np.int64).tobytes())
+    return h.hexdigest()
 
 
 def epoch_order(pool_sizes: dict[str, int], mix, epoch_examples: int | None, seed: int,

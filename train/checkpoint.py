@@ -2,8 +2,9 @@
 
 A checkpoint directory holds ``config.json``, ``generation_config.json``, ``model.safetensors``, the
 tokenizer files (with the control tokens as added special tokens), ``rtkern.json`` (control tokens,
-categories, scheme) and, for resumable checkpoints, ``trainer_state.json`` (step, data position, config)
-and ``trainer_state.pt`` (optimizer and RNG tensors; written with ``torch.save``, read with
+categories, scheme) and, for resumable checkpoints, ``trainer_state.json`` (step, data position, data
+layout, metrics since the last record, config) and ``trainer_state.pt`` (optimizer and RNG tensors, the
+loss since the last metrics record; written with ``torch.save``, read with
 ``torch.load(weights_only=True)``: no pickled code). Directories appear atomically: everything is
 written to a hidden temporary sibling which is then renamed into place.
 """

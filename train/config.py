@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,8 @@ class TrainConfig:
     after every micro-batch and keep only gradient shards (less memory, more communication) instead of
     accumulating full gradients until the step's last micro-batch. ``control_weight``: the loss weight of
     each example's control token (the refusal decision) relative to its response tokens; 1 is the paper's
-    plain completion loss, and the loss stays a mean (divided by the summed weights).
+    plain completion loss, and the loss stays a mean (divided by the summed weights). Every value must
+    have its field's type (`check_type`; a JSON config gets no conversion) and ``device`` must exist here.
     """
 
     base: str = "smollm2-135m-instruct"
@@ -71,7 +73,17 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError/TypeError on out-of-range or mistyped values."""
+        """Raise ValueError on mistyped or out-of-range values (the message names the field)."""
+        errors = []
+        for f in dataclasses.fields(self):
+            try:
+                setattr(self, f.name, check_type(f.name, f.type, getattr(self, f.name)))
+            except ValueError as e:
+                errors.append(str(e))
+        if errors:
+            raise ValueError("; ".join(errors))
+        if self.device is not None:
+            check_device(self.device)
         if self.scheme not in ("single", "category"):
             raise ValueError(f"scheme must be 'single' or 'category', got {self.scheme!r}")
         if self.dtype not in ("auto", "bf16", "fp32"):
@@ -83,8 +95,6 @@ class TrainConfig:
             raise ValueError("kernels='triton' and compile=True both replace the blocks' ops: pick one")
         if self.parallel not in PARALLEL_MODES:
             raise ValueError(f"parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
-        if isinstance(self.data, str):
-            raise TypeError("data must be a list of paths, not a string")
         for name in ("seq_len", "batch_size", "grad_accum", "ce_chunk", "pad_multiple", "log_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -136,7 +146,10 @@ class TrainConfig:
             raise ValueError(f"{path}: invalid JSON: {e}") from e
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a JSON object")
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def with_overrides(self, items) -> "TrainConfig":
         """A copy with ``key=value`` strings applied (values parsed by the field's type)."""
@@ -174,3 +187,46 @@ def _parse(key: str, typ: str, raw: str):
     except ValueError:
         raise ValueError(f"{key}: cannot parse {raw!r} as {base}") from None
     return raw
+
+
+_EXPECTED = {"bool": "true or false", "int": "an integer", "float": "a finite number", "str": "a string",
+             "list[str]": "a list of strings"}
+
+
+def check_type(key: str, annotation: str, value):
+    """``value`` checked against a `TrainConfig` field's annotation (as written, e.g. ``"int | None"``).
+
+    bool must be a real bool; int an int (not a bool); float a finite int or float (returned as float);
+    str a str; ``list[str]`` a list of str; ``| None`` also allows None. Raises ValueError naming ``key``,
+    what was expected and what came.
+    """
+    parts = [p.strip() for p in str(annotation).split("|")]
+    optional = "None" in parts
+    base = next(p for p in parts if p != "None")
+    if value is None and optional:
+        return None
+    ok = {"bool": lambda v: isinstance(v, bool),
+          "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+          "str": lambda v: isinstance(v, str),
+          "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)}[base]
+    if not ok(value):
+        want = _EXPECTED[base] + (" or null" if optional else "")
+        raise ValueError(f"{key} must be {want}, got {value!r} ({type(value).__name__})")
+    return float(value) if base == "float" else value
+
+
+def check_device(name: str) -> None:
+    """ValueError naming --device when torch cannot parse ``name`` or it asks for CUDA that is not there."""
+    import torch
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device torch knows (expected cpu, cuda or cuda:N)") from None
+    if dev.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: CUDA is not available here (torch.cuda.is_available() is False); "
+                         "use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")

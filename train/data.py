@@ -62,6 +62,7 @@ class Record:
 class ReadResult:
     records: list[Record] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)    # "file:line: reason"
+    other_split: int = 0                                # CoCoNot rows left out by the requested split
 
 
 # -- the fixed split -------------------------------------------------------------------------------
@@ -224,16 +225,16 @@ def detect_format(row: dict) -> str:
                      "Alpaca, Dolly, self-instruct, messages, CoCoNot or preference rows)")
 
 
-def read_file(path, *, pool: str | None = None, split: str | None = "train") -> ReadResult:
+def read_file(path, *, pool: str | None = None, split: str | None = None) -> ReadResult:
     """Read one data file into records.
 
     Formats (detected from the first row's fields; every row must match):
 
     - generic: ``prompt``, ``response``, optional ``category`` (a CoCoNot category, ``refuse`` or
       empty/``respond``); JSONL, JSON or CSV;
-    - CoCoNot original prompts with reference refusals (``id``, ``category``, ``prompt``, ``response``,
-      ``is_refusal``): the fixed ``split`` applies (``None`` keeps all); rows without a reference
-      refusal are skipped and listed;
+    - CoCoNot original prompts with reference refusals (``id``, ``category``, ``subcategory`` or
+      ``is_refusal``, ``prompt``, ``response``): rows without a reference refusal are skipped and
+      listed; with ``split`` only that part of the fixed split is kept (the count left out is logged);
     - preference (``prompt``, ``chosen`` as text or a message list; CoCoNot contrast training):
       pool ``contrast``, label ``respond``;
     - Alpaca (``instruction``, ``input``, ``output``), Dolly (``instruction``, ``context``,
@@ -245,8 +246,10 @@ def read_file(path, *, pool: str | None = None, split: str | None = "train") -> 
     path : str or Path
     pool : str, optional
         Override the pool of every record (one of ``POOLS``).
-    split : {"train", "test", None}
-        Which part of the CoCoNot split to keep for CoCoNot-format files.
+    split : {None, "train", "test"}
+        Which part of the fixed CoCoNot split to keep for CoCoNot-format files. The split is defined
+        for the shipped original prompts only (`load_recipe` asks for it); the default None keeps
+        every row, as a user's own file should.
 
     Raises
     ------
@@ -273,17 +276,23 @@ def read_file(path, *, pool: str | None = None, split: str | None = "train") -> 
             continue
         if isinstance(rec, str):
             result.skipped.append(f"{where}: {rec}")
-        elif rec is not None:
+        elif rec is None:
+            result.other_split += 1
+        else:
             result.records.append(rec if pool is None else _with_pool(rec, pool))
     if errors:
         more = f"\n  ... and {len(errors) - _SHOWN_ERRORS} more" if len(errors) > _SHOWN_ERRORS else ""
         raise DataError(f"{len(errors)} malformed row(s) in {path}:\n  " + "\n  ".join(errors[:_SHOWN_ERRORS]) + more)
+    if result.other_split:
+        log.info("%s: kept the %s part of the fixed CoCoNot split, left out %d row(s) of the other part",
+                 path, split, result.other_split)
     if result.skipped:
         log.warning("%s: skipped %d row(s) that cannot train: %s", path, len(result.skipped),
                     "; ".join(result.skipped[:_SHOWN_ERRORS]) + (" ..." if len(result.skipped) > _SHOWN_ERRORS else ""))
     if not result.records:
         why = f" ({len(result.skipped)} skipped, see above)" if result.skipped else \
-            " (all rows belong to the other part of the CoCoNot split)" if fmt == "coconot" else ""
+            f" (all {result.other_split} row(s) belong to the other part of the CoCoNot split)" \
+            if result.other_split else ""
         raise DataError(f"{path}: no trainable rows{why}")
     return result
 
@@ -312,6 +321,7 @@ def _generic(row, where, split):
 
 
 def _coconot(row, where, split):
+    # None (not a str): the row belongs to the other part of the requested split
     cid = row["id"]
     if not isinstance(cid, str) or not cid:
         raise ValueError(f"field 'id' must be a non-empty string, got {cid!r}")
@@ -447,7 +457,11 @@ def load_eval_sets(data_dir) -> dict[str, list[Record]]:
 
 
 def load_data(specs) -> list[Record]:
-    """Records from ``--data`` specs: a folder (the shared-data recipe) or ``FILE[@POOL]``."""
+    """Records from ``--data`` specs: a folder (the shared-data recipe) or ``FILE[@POOL]``.
+
+    Only a folder's recipe applies the fixed CoCoNot split (to its shipped original prompts); a file
+    keeps all its rows, whatever its format.
+    """
     records = []
     for spec in specs:
         spec = str(spec)
@@ -526,7 +540,7 @@ def build_example(tokenizer, record: Record, control_id: int, *, max_len: int | 
 
 def build_examples(tokenizer, records, control, *, max_len: int | None = None) -> list[Example]:
     """`build_example` over records; ``control`` is a `rtkern.train.prepare.ControlTokens`."""
-    out = []
+    out, records = [], list(records)
     for r in records:
         try:
             ex = build_example(tokenizer, r, control.id_for(r.label), max_len=max_len)
@@ -535,6 +549,9 @@ def build_examples(tokenizer, records, control, *, max_len: int | None = None) -
             raise DataError(msg) from None
         if ex is not None:
             out.append(ex)
+    if len(out) < len(records):
+        log.warning("skipped %d of %d record(s) whose prompt does not fit seq_len=%s (listed above)",
+                    len(records) - len(out), len(records), max_len)
     if not out:
         raise DataError("no example fits the sequence length")
     return out

@@ -70,9 +70,13 @@ def add_control_tokens(model: nn.Module, tokenizer, scheme: str, *,
                        multiple: int = VOCAB_MULTIPLE) -> ControlTokens:
     """Register the scheme's control tokens as special tokens and resize the model to fit.
 
-    New ids (and any embedding rows the tokenizer never used) are initialised from the mean of the
-    rows the base model trained; tokens that were already special (a checkpoint of ours used as a
-    base) keep their trained rows.
+    Rows set to the mean of the rows ``[0, n)`` (``n``: the tokenizer's size before this call, i.e. the
+    rows of the base's own tokens), in the embedding and, when untied, the head: the ids of newly added
+    tokens, and the rows that growing the matrix to a multiple of ``multiple`` creates. Everything else
+    keeps its values: the tokens' rows, the ids of tokens that were already special (a checkpoint of ours
+    used as a base keeps its trained control rows), and the base's padding rows that no token uses
+    (``[n, rows before)`` apart from ids given to new tokens): no input reaches them, and as head rows
+    they keep the base's logits for ids it never predicts, which the mean would raise.
 
     Parameters
     ----------
@@ -97,7 +101,8 @@ def add_control_tokens(model: nn.Module, tokenizer, scheme: str, *,
     ids = tokenizer.add_control_tokens(strings + [RESPOND_TOKEN])
     new_ids = sorted(set(ids) - before)
     size = round_up(max(tokenizer.vocab_size, model.embed_tokens.num_embeddings), multiple)
-    # rows past the current matrix are new memory and must be set even when no token is new
+    # rows past the current matrix are new memory and must be set even when no token is new; the base's
+    # unused rows in [trained_rows, current rows) keep their values unless a new token takes their id
     fresh = new_ids + list(range(model.embed_tokens.num_embeddings, size))
     resize_vocab(model, size, init_rows=fresh, mean_rows=trained_rows)
     return ControlTokens(scheme, tuple(strings), tuple(names), tuple(ids[:-1]), RESPOND_TOKEN, ids[-1])

@@ -19,11 +19,19 @@ log = logging.getLogger("rtkern.train")
 
 
 def resolve_resume(cfg: TrainConfig) -> Path | None:
-    """The checkpoint to resume from: ``cfg.resume`` as a path, or ``"auto"`` = newest in ``cfg.out``."""
+    """The checkpoint to resume from: ``cfg.resume`` as a path, or ``"auto"`` = newest in ``cfg.out``.
+
+    Raises FileNotFoundError when there is none: training from the base instead would clear the run's
+    metrics and overwrite its ``final/``.
+    """
     if cfg.resume is None:
         return None
     if cfg.resume == "auto":
-        return latest_checkpoint(cfg.out)
+        found = latest_checkpoint(cfg.out)
+        if found is None:
+            raise FileNotFoundError(f"--resume: no resumable checkpoint in {cfg.out} (checkpoint-N folders "
+                                    "with trainer_state.json); drop --resume to start a new run")
+        return found
     p = Path(cfg.resume)
     if not p.is_dir():
         raise FileNotFoundError(f"resume: {p} is not a checkpoint directory")

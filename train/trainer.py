@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .batching import Batch, RowStream, collate, count_targets, parse_mix
+from .batching import Batch, RowStream, collate, count_targets, examples_digest, parse_mix
 from .checkpoint import checkpoint_name, load_trainer_state, prune_checkpoints, save_checkpoint
 from .config import TrainConfig
 from .loss import chunked_cross_entropy
@@ -182,6 +182,65 @@ def optimizer_state_by_name(state: dict, names: list[str]) -> dict:
             "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]]}
 
 
+# -- resume checks ---------------------------------------------------------------------------------
+# Settings that fix which rows each step sees, and how many steps the run has (the LR schedule's length and
+# where it stops): a resumed run must match them, or its step, epoch and data cursor would mean something
+# else. Legitimately changeable on resume, so not listed: batch_size, grad_accum and the world size each on
+# their own (only their product, the global batch, fixes a step's rows; how those rows are split into
+# micro-batches and ranks changes float summation order only), and everything outside the data layout
+# (device, dtype, kernels, parallel, save and log cadence, optimizer settings).
+LAYOUT_FIELDS = ("seq_len", "packing", "mix", "epoch_examples", "seed", "epochs", "max_steps")
+
+
+def layout_changes(then: dict, now: dict) -> list[str]:
+    """``"key: OLD then, NEW now"`` for each layout entry (see `Trainer.data_layout`) that differs.
+
+    ``examples`` (a digest of the tokenized examples) decides whether the data changed when both sides
+    have it: the same examples read from moved or renamed files are the same rows. Keys missing on either
+    side (a checkpoint from before a key was recorded) are not compared. ``total_steps`` is reported only
+    when nothing else explains it (e.g. a data file whose content changed under an old checkpoint).
+    """
+    diffs = []
+    for key in (*LAYOUT_FIELDS, "global_batch"):
+        if key in then and key in now and then[key] != now[key]:
+            diffs.append(f"{key}: {then[key]!r} then, {now[key]!r} now")
+    if "examples" in then and "examples" in now:
+        if then["examples"] != now["examples"]:
+            diffs.append(f"data: the tokenized examples differ (files then {then.get('data')!r}, now "
+                         f"{now.get('data')!r})")
+    elif then.get("data") is not None and then.get("data") != now.get("data"):
+        diffs.append(f"data: {then['data']!r} then, {now.get('data')!r} now")
+    if not diffs and then.get("total_steps") not in (None, now.get("total_steps")):
+        diffs.append(f"total_steps: {then['total_steps']!r} then, {now.get('total_steps')!r} now")
+    return diffs
+
+
+def _layout_fields(cfg: dict) -> dict:
+    out = {k: cfg[k] for k in LAYOUT_FIELDS if k in cfg}
+    if "mix" in out:
+        w = parse_mix(out["mix"])
+        out["mix"] = None if w is None else list(w)
+    # settings that have no effect are not compared: epochs under max_steps, epoch_examples without a mix
+    if out.get("max_steps") is not None and "epochs" in out:
+        out["epochs"] = None
+    if "mix" in out and out["mix"] is None and "epoch_examples" in out:
+        out["epoch_examples"] = None
+    return out
+
+
+def _legacy_layout(st: dict) -> dict:
+    # checkpoints written before "layout" was stored: what their config and world size say
+    cfg = st.get("config", {})
+    out = _layout_fields(cfg)
+    if "data" in cfg:
+        out["data"] = cfg["data"]
+    if "batch_size" in cfg and "grad_accum" in cfg:
+        out["global_batch"] = st.get("world_size", 1) * cfg["batch_size"] * cfg["grad_accum"]
+    if "total_steps" in st:
+        out["total_steps"] = st["total_steps"]
+    return out
+
+
 # -- the trainer -----------------------------------------------------------------------------------
 class Trainer:
     """Runs SFT on tokenized examples.
@@ -210,11 +269,16 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.stream = RowStream(examples, seq_len=cfg.seq_len, packing=cfg.packing, mix=parse_mix(cfg.mix),
                                 epoch_examples=cfg.epoch_examples, seed=cfg.seed)
+        self.examples_digest = examples_digest(examples)
         self.rows_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world
         self.rows_per_epoch = len(self.stream.rows(0))
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.rows_per_epoch / self.rows_per_step))
         self.step = 0
         self.losses: list[tuple[int, float]] = []
+        # the metrics window: what the steps since the last metrics record add up to (saved in checkpoints)
+        self._win_loss: torch.Tensor | None = None      # this rank's summed loss
+        self._win_tokens, self._win_targets, self._win_seconds = 0, 0, 0.0
+        self._win_start: float | None = None            # perf_counter at the window's start, while training
         self.autocast_dtype = _autocast_dtype(cfg.dtype, self.device)
         model.train()
         if cfg.activation_checkpointing:
@@ -244,40 +308,64 @@ class Trainer:
         self._stop_signal: int | None = None
 
     # -- state ---------------------------------------------------------------------------------
-    def state(self, optimizer_state: dict | None = None) -> tuple[dict, dict]:
+    def data_layout(self) -> dict:
+        """What fixes the rows of each step and the run's length (checked on resume, see `layout_changes`)."""
+        return {**_layout_fields(self.cfg.to_dict()), "data": list(self.cfg.data), "examples": self.examples_digest,
+                "global_batch": self.rows_per_step, "total_steps": self.total_steps}
+
+    def state(self, optimizer_state: dict | None = None, window_loss: torch.Tensor | None = None) -> tuple[dict, dict]:
         """(JSON state, tensors) for a resumable checkpoint.
 
         ``optimizer_state``: the whole optimizer state dict (default: this process's, which is the whole
-        one except under FSDP; see `full_state_dicts`).
+        one except under FSDP; see `full_state_dicts`). ``window_loss``: the loss summed over all ranks
+        since the last metrics record (default: this process's sum, which is the whole one in one process).
         """
+        elapsed = self._win_seconds if self._win_start is None else time.perf_counter() - self._win_start
         st = {"step": self.step, "total_steps": self.total_steps, "data": self.stream.state_dict(),
-              "world_size": self.dist.world, "config": self.cfg.to_dict(), "control": self.control.to_json()}
+              "world_size": self.dist.world, "layout": self.data_layout(), "config": self.cfg.to_dict(),
+              "control": self.control.to_json(),
+              "metrics_window": {"tokens": self._win_tokens, "target_tokens": self._win_targets,
+                                 "seconds": elapsed}}
         if optimizer_state is None:
             optimizer_state = self.optimizer.state_dict()
         tensors = {"optimizer": optimizer_state, "rng_cpu": torch.get_rng_state()}
+        window_loss = self._win_loss if window_loss is None else window_loss
+        if window_loss is not None:
+            tensors["window_loss"] = window_loss.detach().to("cpu").clone()
         if self.device.type == "cuda":
             tensors["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         return st, tensors
 
     def load_state(self, path) -> None:
-        """Restore optimizer, RNG, step and data position from a checkpoint written by `save`.
+        """Restore optimizer, RNG, step, data position and the metrics window from a checkpoint written
+        by `save`.
 
         The model weights come from the same checkpoint (load them before building the trainer).
+
+        Raises
+        ------
+        ValueError
+            When the data layout (`LAYOUT_FIELDS`, the global batch, the examples) differs from the
+            checkpoint's; nothing is restored then.
         """
         st, tensors = load_trainer_state(path)
-        then = st.get("config", {})
-        rows_then = (st.get("world_size", 1) * then.get("batch_size", self.cfg.batch_size)
-                     * then.get("grad_accum", self.cfg.grad_accum))
-        if rows_then != self.rows_per_step:
-            log.warning("resuming with a different global batch (%d rows per step then, %d now)",
-                        rows_then, self.rows_per_step)
+        diffs = layout_changes(st.get("layout") or _legacy_layout(st), self.data_layout())
+        if diffs:
+            raise ValueError(f"cannot resume from {path}: the data layout changed ({'; '.join(diffs)}). Resume "
+                             "with the checkpoint's settings, or start a new run from it with --base "
+                             f"{path} instead of --resume")
         self.load_optimizer_state(tensors["optimizer"])
         torch.set_rng_state(tensors["rng_cpu"])
         if "rng_cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng_cuda"], self.device)
         self.stream.load_state_dict(st["data"])
         self.step = int(st["step"])
-        self.total_steps = self.cfg.max_steps or int(st.get("total_steps", self.total_steps))
+        win = st.get("metrics_window", {})
+        self._win_tokens, self._win_targets = win.get("tokens", 0), win.get("target_tokens", 0)
+        self._win_seconds, self._win_start = float(win.get("seconds", 0.0)), None
+        loss = tensors.get("window_loss")
+        # the saved sum is over all ranks: one rank carries it, the log's all-reduce adds the others' new sums
+        self._win_loss = loss.to(self.device) if loss is not None and self.dist.is_main else None
 
     def full_state_dicts(self, *, optimizer: bool = True) -> tuple[dict | None, dict | None]:
         """(model state dict, optimizer state dict), whole and in the single-process format.
@@ -313,8 +401,9 @@ class Trainer:
         """Checkpoint (rank 0 writes, others wait). ``final``: the model only, in ``out/final``."""
         path = self.out / ("final" if final else checkpoint_name(self.step))
         weights, optim = self.full_state_dicts(optimizer=not final)
+        window_loss = None if final else self._global_window_loss()
         if self.dist.is_main:
-            st, tensors = (None, None) if final else self.state(optim)
+            st, tensors = (None, None) if final else self.state(optim, window_loss)
             save_checkpoint(path, self.model, self.tokenizer, self.control, state=st, tensors=tensors,
                             state_dict=weights)
             if not final:
@@ -322,6 +411,15 @@ class Trainer:
         if self.dist.world > 1:
             dist.barrier()
         return path
+
+    def _global_window_loss(self) -> torch.Tensor | None:
+        """The metrics window's loss summed over ranks (every rank must call it; None right after a log)."""
+        if self._win_loss is None:
+            return None
+        loss = self._win_loss.detach().clone()
+        if self.dist.world > 1:
+            dist.all_reduce(loss)
+        return loss
 
     # -- one optimizer step --------------------------------------------------------------------
     def micro_batches(self, rows) -> list[Batch]:
@@ -410,17 +508,19 @@ class Trainer:
             (self.out / "train_config.json").write_text(_json(self.cfg.to_dict()), encoding="utf-8")
         restore = self._install_signal_handlers()
         bar = _progress(self.total_steps, self.step, enabled=cfg.progress and self.dist.is_main)
-        t_last, tok_acc, loss_acc, tgt_acc = time.perf_counter(), 0, None, 0
+        self._win_start = time.perf_counter() - self._win_seconds     # a resumed window keeps its time
         status, path = "completed", None
         try:
             while self.step < self.total_steps:
                 rows = self.stream.take(self.rows_per_step)
                 loss_sum, grad_norm, n_tgt, n_tok = self.train_step(rows)
-                loss_acc = loss_sum if loss_acc is None else loss_acc + loss_sum
-                tok_acc, tgt_acc = tok_acc + n_tok, tgt_acc + n_tgt
+                self._win_loss = loss_sum if self._win_loss is None else self._win_loss + loss_sum
+                self._win_tokens, self._win_targets = self._win_tokens + n_tok, self._win_targets + n_tgt
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    rec = self._log(metrics, bar, loss_acc, tgt_acc, grad_norm, tok_acc, time.perf_counter() - t_last)
-                    t_last, tok_acc, loss_acc, tgt_acc = time.perf_counter(), 0, None, 0
+                    rec = self._log(metrics, bar, self._win_loss, self._win_targets, grad_norm, self._win_tokens,
+                                    time.perf_counter() - self._win_start)
+                    self._win_loss, self._win_tokens, self._win_targets = None, 0, 0
+                    self._win_start = time.perf_counter()
                     self.losses.append((self.step, rec["loss"]))
                 if bar is not None:
                     bar.update(1)
@@ -433,6 +533,8 @@ class Trainer:
             if status == "completed":
                 path = self.save(final=True)
         finally:
+            self._win_seconds = time.perf_counter() - self._win_start
+            self._win_start = None
             if bar is not None:
                 bar.close()
             restore()
