@@ -8,8 +8,14 @@ import triton
 import triton.language as tl
 
 
+# triton.jit picks the interpreter when a kernel is defined, i.e. when rtkern is imported: setting
+# TRITON_INTERPRET=1 later leaves compiled kernels behind, which fail on CPU tensors deep inside Triton.
+_INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET_HINT = "TRITON_INTERPRET=1 (set before importing rtkern)"
+
+
 def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET_AT_IMPORT and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def interpreter_incompatibility() -> str | None:

@@ -19,7 +19,7 @@ import torch
 
 from . import fused_decode
 from .adapters._common import per_category, thresholds_and_mode
-from .kernels._common import triton_runs_on
+from .kernels._common import INTERPRET_HINT, triton_runs_on
 from .model import Transformer
 from .sampler import refusal_sample
 from .spec import MODES, RefusalControls, RefusalSpec, SampleOutput
@@ -282,7 +282,7 @@ def _check_kernels(kernels, device: torch.device, compile: bool) -> str:
     if kernels not in ("torch", "triton"):
         raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
     if kernels == "triton" and not triton_runs_on(device):
-        raise ValueError(f"kernels='triton' needs a CUDA model or TRITON_INTERPRET=1, got a model on {device}")
+        raise ValueError(f"kernels='triton' needs a CUDA model or {INTERPRET_HINT}, got a model on {device}")
     if kernels == "triton" and compile:
         raise ValueError("compile=True applies to the torch decode step; with kernels='triton' the step is "
                          "already fused (pick one)")

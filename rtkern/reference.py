@@ -46,11 +46,11 @@ def refusal_probs_reference(logits: torch.Tensor, spec: RefusalSpec, logit_bias=
     zr = z[:, rid]
     if logit_bias is not None:
         zr = zr + logit_bias.to(dtype)
-        # Replace the unbiased refusal entries of the log-normaliser by the biased ones.
-        rest = z.index_fill(1, rid, float("-inf"))
-        lse = torch.logaddexp(torch.logsumexp(rest, 1), torch.logsumexp(zr, 1))
-    else:
-        lse = torch.logsumexp(z, 1)
+    # One formula with or without a bias, so that scoring (no bias) and sampling (zero bias) agree to the
+    # bit: a calibrated threshold equal to a score must refuse that prompt. The refusal entries of the
+    # log-normaliser are the (biased) zr.
+    rest = z.index_fill(1, rid, float("-inf"))
+    lse = torch.logaddexp(torch.logsumexp(rest, 1), torch.logsumexp(zr, 1))
     # A finite logit plus a finite bias can overflow to +inf: invalid like a +inf logit.
     bad = _bad_rows(z) | (zr == float("inf")).any(1)
     p = torch.exp(zr - lse[:, None])

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .kernels._common import triton_runs_on
+from .kernels._common import INTERPRET_HINT, triton_runs_on
 from .kernels.refusal_sampler import refusal_sample_launch_prechecked
 from .reference import decide, refusal_probs_reference, sample_reference
 from .spec import RefusalControls, RefusalSpec, SampleOutput, unpack_vocab_mask
@@ -42,27 +42,29 @@ def _check(logits, spec, controls, out, backend) -> str:
         controls.check(B, spec.num_categories, V, logits.device)
     if out is not None:
         _check_out(out, B, spec.num_categories, logits.device)
-    if backend is None:
-        return "triton" if logits.is_cuda else "torch"
+    if backend is None:  # the kernel where it runs and covers the vocabulary, else the reference
+        return "triton" if logits.is_cuda and V < _MAX_TRITON_VOCAB else "torch"
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
     if backend == "triton":
         if not triton_runs_on(logits.device):
-            raise ValueError(f"backend='triton' needs a CUDA tensor or TRITON_INTERPRET=1, got logits on {logits.device}")
+            raise ValueError(f"backend='triton' needs a CUDA tensor or {INTERPRET_HINT}, got logits on {logits.device}")
         if V >= _MAX_TRITON_VOCAB:
             raise ValueError(f"the Triton sampler supports V < {_MAX_TRITON_VOCAB}, got V={V}")
     return backend
 
 
-_last_out: list = [None]  # (out, B, C, device) of the last accepted `out`: a decode loop reuses one
+_last_out: list = [None]  # (out, what was checked) of the last accepted `out`: a decode loop reuses one
 
 
 def _check_out(out, B, C, device) -> None:
+    # grad mode and requires_grad are part of what was checked: both can change between calls
+    key = (B, C, device, torch.is_grad_enabled(), getattr(getattr(out, "refusal_probs", None), "requires_grad", None))
     last = _last_out[0]
-    if last is not None and last[0] is out and last[1:] == (B, C, device):
+    if last is not None and last[0] is out and last[1] == key:
         return
     _check_out_fully(out, B, C, device)
-    _last_out[0] = (out, B, C, device)
+    _last_out[0] = (out, key)
 
 
 def _check_out_fully(out, B, C, device) -> None:
@@ -145,7 +147,8 @@ def refusal_probs(logits: torch.Tensor, spec: RefusalSpec, *, logit_bias: Option
     """Scoring only: softmax probability (temperature 1, full vocabulary) of each refusal token.
 
     logits : [B, V] float; logit_bias : optional float32 [B, C]. Returns float32 [B, C]
-    (NaN on rows with NaN/+inf logits or all -inf).
+    (NaN on rows with NaN/+inf logits or all -inf, and where a NaN or +inf bias makes the biased logit
+    NaN/+inf: invalid rows, as `refusal_sample` reports them; a -inf bias gives that token 0).
     """
     backend = _check(logits, spec, _SCORING, None, backend)
     B, C = logits.shape[0], spec.num_categories
@@ -173,6 +176,14 @@ def _decide_torch(logits, spec, controls) -> SampleOutput:
     bad = torch.isnan(probs).any(1)  # exactly the invalid rows, the biased overflow included
     return SampleOutput(torch.where(bad, -1, tok).long(), probs,
                         torch.where(bad, -2, torch.where(refuse, best, -1)).int())
+
+
+def _biased(cur: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    # A finite logit stays finite in the logits' dtype (fp16 overflows at 65504): +inf would make a valid
+    # row invalid downstream, -inf would mask a token the decision kept. Saturated, it still dominates.
+    z = cur.float() + bias
+    big = torch.finfo(cur.dtype).max
+    return torch.where(torch.isfinite(cur), z.clamp(-big, big), z).to(cur.dtype)
 
 
 def apply_refusal_(logits: torch.Tensor, spec: RefusalSpec, controls: RefusalControls, *,
@@ -210,7 +221,7 @@ def apply_refusal_(logits: torch.Tensor, spec: RefusalSpec, controls: RefusalCon
     free_first = controls.first_step & (controls.mode == 2)
     neg = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
     cur = logits[:, rid]
-    logits[:, rid] = torch.where(free_first[:, None], (cur.float() + controls.logit_bias).to(logits.dtype), cur)
+    logits[:, rid] = torch.where(free_first[:, None], _biased(cur, controls.logit_bias), cur)
     if controls.vocab_mask is not None:
         allowed = unpack_vocab_mask(controls.vocab_mask, V)
         allowed[:, ids] = True  # control tokens are governed by the refusal rules only

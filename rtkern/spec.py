@@ -340,19 +340,21 @@ class RefusalControls:
         return self
 
     def check(self, batch: int, num_categories: int, vocab_size: int, device: torch.device) -> None:
-        """Shape/dtype/device checks against a logits tensor (no value checks: no device sync).
+        """Shape/dtype/device checks against a logits tensor, and on the CPU the mode codes' values (on a
+        GPU a value check would wait for the device).
 
-        A decode loop passes the same controls every step, so a pass is remembered together with the
-        very tensor objects it saw (held, so their ids cannot be reused): replacing a field re-checks.
+        A decode loop passes the same controls every step, so a shape pass is remembered together with
+        the very tensor objects it saw (held, so their ids cannot be reused): replacing a field re-checks.
         """
         key = (batch, num_categories, vocab_size, device)
         seen = (self.thresholds, self.logit_bias, self.mode, self.temperature, self.first_step, self.seed,
                 self.position, self.vocab_mask)
         last = self.__dict__.get("_checked")
-        if last is not None and last[0] == key and all(a is b for a, b in zip(last[1], seen)):
-            return
-        self._check(batch, num_categories, vocab_size, device)
-        self.__dict__["_checked"] = (key, seen)
+        if last is None or last[0] != key or not all(a is b for a, b in zip(last[1], seen)):
+            self._check(batch, num_categories, vocab_size, device)
+            self.__dict__["_checked"] = (key, seen)
+        if self.mode.device.type == "cpu" and not torch.compiler.is_compiling():
+            _check_modes(self.mode)  # values, every call: free on the CPU (a GPU would wait for the device)
 
     def _check(self, batch: int, num_categories: int, vocab_size: int, device: torch.device) -> None:
         expect = {"thresholds": ((batch, num_categories), torch.float32),
@@ -374,8 +376,6 @@ class RefusalControls:
                 raise ValueError(f"controls.{name} is on {t.device}, logits on {device}")
             if t.shape[-1] > 1 and t.stride(-1) != 1:
                 raise ValueError(f"controls.{name} must be contiguous in its last dim")
-        if self.mode.device.type == "cpu" and not torch.compiler.is_compiling():
-            _check_modes(self.mode)  # free on the CPU; on a GPU it would wait for the device
 
 
 def _check_mask(mask, batch: int, device) -> torch.Tensor:

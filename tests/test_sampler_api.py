@@ -185,6 +185,20 @@ def test_remembered_checks_still_catch_a_replaced_field_or_another_shape(no_laun
                        backend="torch")
 
 
+def test_remembered_checks_still_catch_changed_mode_codes_and_grad_mode(no_launch):
+    # values written into remembered tensors, and grad mode switched on, are caught on the next call
+    controls, out = good_controls(), _out()
+    out = out._replace(refusal_probs=out.refusal_probs.requires_grad_())
+    with torch.no_grad(), pytest.raises(AssertionError, match="before the bad input"):
+        refusal_sample(good_logits(), SPEC, controls, out=out, backend="torch")
+    with pytest.raises(ValueError, match=r"out.refusal_probs is written in place: it must not require grad"):
+        refusal_sample(good_logits(), SPEC, controls, out=out, backend="torch")
+    if controls.mode.device.type == "cpu":
+        controls.mode[0] = 7
+        with pytest.raises(ValueError, match=r"mode codes must be 0 \(category\), 1 \(sum\) or 2 \(free\)"):
+            refusal_sample(good_logits(), SPEC, controls, backend="torch")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bias,exc,match", [
     ([[0.0, 0.0]] * B, TypeError, r"logit_bias must be a float32 \[2, 2\] tensor, got list"),
@@ -435,6 +449,20 @@ def test_refusal_probs_nan_on_invalid_rows(backend):
     torch.testing.assert_close(p[:1].double(), softmax64(logits[:1], spec), rtol=PROB_RTOL, atol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scoring_and_sampling_probabilities_agree_to_the_bit(backend):
+    # calibration scores with refusal_probs; the engine decides with refusal_sample (zero bias): a
+    # threshold set to a prompt's own score must refuse that prompt
+    for seed, (b, v, c) in enumerate([(64, 111, 1), (64, 2000, 3), (16, 49158, 5)]):
+        logits, spec = probs_case(b, v, c, torch.float32, seed=seed)
+        scores = refusal_probs(logits, spec, backend=backend)
+        ctl = RefusalControls.build(b, c, DEVICE, thresholds=scores.max(1, keepdim=True).values.expand(b, c),
+                                    first_step=True)
+        res = refusal_sample(logits, spec, ctl, backend=backend)
+        assert torch.equal(res.refusal_probs, scores)
+        assert (res.refused >= 0).all()
+
+
 # --------------------------------------------------------------------------------------------------
 # 4. apply_refusal_ makes a downstream sampler take the same decision.
 
@@ -539,6 +567,22 @@ def test_apply_refusal_greedy_argmax_matches_refusal_sample(backend, c, respond,
     assert torch.equal(res.refused[~free_first], decided.refused[~free_first])
     assert res.refused[-1] == -2
     torch.testing.assert_close(res.refusal_probs[valid], decided.refusal_probs[valid], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_apply_refusal_keeps_biased_fp16_logits_finite(backend):
+    # 1e5 overflows fp16: written as +inf it would turn a valid row invalid downstream (softmax NaN),
+    # as -inf it would mask a token; saturated, the decision is the one refusal_sample takes
+    logits = good_logits(torch.float16)
+    logits[:, 9] = NEG_INF
+    ctl = good_controls(mode="free", first_step=True, temperature=0.0,
+                        logit_bias=torch.tensor([[1e5, -1e5]], device=DEVICE).expand(B, C))
+    want = refusal_sample(logits.clone(), SPEC, ctl, backend=backend)
+    res = apply_refusal_(logits, SPEC, ctl, backend=backend)
+    big = torch.finfo(torch.float16).max
+    assert (res.refused == -1).all() and (logits[:, 3] == big).all() and (logits[:, 5] == -big).all()
+    assert (logits[:, 9] == NEG_INF).all() and not torch.isnan(torch.softmax(logits.float(), 1)).any()
+    assert torch.equal(logits.argmax(1), want.tokens) and (want.refused == 0).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -725,3 +769,15 @@ def test_apply_refusal_reports_rows_with_no_allowed_token_like_refusal_sample(ba
     got = apply_refusal_(logits, spec, ctl, backend=backend)
     assert want.refused.tolist() == got.refused.tolist() == [-1, -2]
     assert got.tokens[1].item() == -1
+
+
+@pytest.mark.skipif(not ON_GPU, reason="backend=None picks the kernel only on CUDA")
+def test_default_backend_falls_back_to_torch_beyond_the_kernels_vocabulary():
+    # the kernel carries tile argmax ids as float32 (exact below 2**24); the default must not pick it
+    v = (1 << 24) + 8
+    logits = torch.full((1, v), -5.0, device=DEVICE)
+    logits[0, v - 3] = 10.0
+    res = refusal_sample(logits, RefusalSpec([0]), RefusalControls.build(1, 1, DEVICE, temperature=0.0))
+    assert int(res.tokens) == v - 3
+    with pytest.raises(ValueError, match="the Triton sampler supports V < 16777216"):
+        refusal_sample(logits, RefusalSpec([0]), RefusalControls.build(1, 1, DEVICE), backend="triton")
