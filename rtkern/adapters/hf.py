@@ -24,6 +24,11 @@ Beam search (``num_beams > 1``) passes log-softmaxed scores, whose softmax is th
 the decision is the same and every beam starts with the decided token (the forced token adds log 1 = 0
 to the beam score; the beams re-grow from the next position). Assisted / speculative generation and
 continuous batching are not supported.
+
+Prompts: the processor governs generated tokens only. A checkpoint's tokenizer holds the control tokens
+as special tokens, and transformers turns special-token text in a prompt into their ids unless asked not
+to: tokenize user text with ``tokenizer(text, split_special_tokens=True)`` (rtkern's own `Tokenizer` always
+does), or a user who types ``[refuse]`` puts the control id in the prompt.
 """
 from __future__ import annotations
 
