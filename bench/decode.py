@@ -39,6 +39,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from rtkern.argtypes import finite_float, int_at_least
 from rtkern.spec import RefusalSpec
 
 from .sampler import DTYPES, H100_BANDWIDTH, Unavailable, environment
@@ -299,30 +300,6 @@ def run(models: Sequence[str], batches: Sequence[int], methods: Sequence[str], d
     return rows
 
 
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """argparse ``type``: an int >= ``minimum`` (a smaller one is a usage error, exit status 2)."""
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {v}")
-        return v
-    return parse
-
-
-def positive_float(text: str) -> float:
-    """argparse ``type``: a finite float > 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < v < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return v
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     cuda = torch.cuda.is_available()
     p.add_argument("--model", nargs="+", default=None,
@@ -339,7 +316,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int_at_least(1), default=None,
                    help="timed runs per point (median; default 5, CPU 2)")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--bandwidth", type=positive_float, default=H100_BANDWIDTH, help="bytes/s for the %%bw column")
+    p.add_argument("--bandwidth", type=finite_float(0.0, strict=True), default=H100_BANDWIDTH, help="bytes/s for the %%bw column")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--no-progress", action="store_true")
 

@@ -51,6 +51,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 
 from rtkern import RefusalControls, RefusalSpec, SampleOutput, refusal_sample, unpack_vocab_mask
+from rtkern.argtypes import int_at_least
 from rtkern.reference import refusal_probs_reference, sample_reference
 
 H100_BANDWIDTH = 3.02e12  # bytes/s, H100 SXM (HBM3) device-to-device copy bandwidth
@@ -588,16 +589,6 @@ def _method(name: str) -> str:
     return name
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``rtkern bench sampler``; lists take spaces or commas (``--batch 1 8`` = ``--batch 1,8``)."""
     p.add_argument("--batch", nargs="+", type=_list_of(int), metavar="B",
@@ -613,7 +604,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bandwidth", type=float, default=H100_BANDWIDTH,
                    help="memory bandwidth in bytes/s for the byte floor (default %(default).3g, H100 SXM)")
     p.add_argument("--categories", type=int, default=5, help="number of refusal tokens C (default 5)")
-    p.add_argument("--reps", type=_at_least_one, default=5, help="timed calls per point on the CPU (default 5)")
+    p.add_argument("--reps", type=int_at_least(1), default=5, help="timed calls per point on the CPU (default 5)")
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile mode for naive-compile (default, max-autotune-no-cudagraphs, ...)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default %(default)s)")

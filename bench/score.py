@@ -34,10 +34,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from rtkern.argtypes import int_at_least
 from rtkern.calibrate import score
 from rtkern.spec import RefusalSpec
 
-from .decode import hf_view, int_at_least, load_subject
+from .decode import hf_view, load_subject
 from .sampler import DTYPES, environment
 
 DEFAULT_OUT = Path("results") / "bench-score"

@@ -37,9 +37,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from rtkern.argtypes import int_at_least
 from rtkern.model import ModelArgs, Transformer, rtkern_to_hf_state_dict
 
-from .decode import int_at_least, random_weights_
+from .decode import random_weights_
 from .sampler import environment
 
 DEFAULT_OUT = Path("results") / "bench-train"

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from .argtypes import finite_float, int64, int_at_least
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_THRESHOLD = 0.5
 PROG = "rtkern generate"
@@ -17,36 +19,6 @@ PROG = "rtkern generate"
 # ---------------------------------------------------------------------------------------------------
 # Argument types: checked while parsing, before any model is loaded (argparse exits with status 2)
 # ---------------------------------------------------------------------------------------------------
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
-
-
-def _temperature(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"must be finite and >= 0 (0 = greedy), got {text!r}")
-    return v
-
-
-def _seed(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not -2**63 <= v < 2**63:
-        raise argparse.ArgumentTypeError(f"must fit in int64, got {v}")
-    return v
-
 
 def _stop(text: str) -> str:
     if not text:
@@ -128,9 +100,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "rtkern calibrate); a value above 1 switches a category off")
     p.add_argument("--mode", choices=("category", "sum", "free"), default=None,
                    help="first-token decision rule (default: the thresholds file's, else category)")
-    p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy")
-    p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--temperature", type=finite_float(0.0, note=" (0 = greedy)"), default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int64, default=0)
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=256)
     p.add_argument("--stop", type=_stop, action="append", default=[], metavar="S",
                    help="stop string (repeat the option for several)")
     p.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")

@@ -127,7 +127,7 @@ def test_bad_arguments_exit_2():
     (["decode", "--batch", "1", "0"], "argument --batch: must be at least 1"),
     (["decode", "--batch", "-2"], "argument --batch: must be at least 1"),
     (["decode", "--prompt", "0"], "argument --prompt: must be at least 1"),
-    (["decode", "--bandwidth", "0"], "argument --bandwidth: must be a finite number > 0"),
+    (["decode", "--bandwidth", "0"], "argument --bandwidth: must be finite and > 0"),
     (["score", "--num-prompts", "0"], "argument --num-prompts: must be at least 1"),
     (["score", "--reps", "0"], "argument --reps: must be at least 1"),
     (["score", "--batch-size", "0"], "argument --batch-size: must be at least 1"),

@@ -50,7 +50,7 @@ def test_thresholds_file_is_read_while_parsing(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--max-new-tokens", "0"], "argument --max-new-tokens: must be at least 1"),
-    (["--max-new-tokens", "x"], "argument --max-new-tokens: expected a positive integer"),
+    (["--max-new-tokens", "x"], "argument --max-new-tokens: expected an integer, got 'x'"),
     (["--temperature", "-1"], "argument --temperature: must be finite and >= 0"),
     (["--temperature", "nan"], "argument --temperature: must be finite and >= 0"),
     (["--seed", "1.5"], "argument --seed: expected an integer"),
