@@ -169,7 +169,7 @@ def _naive_core(logits: torch.Tensor, ctl: torch.Tensor, num_refusal: int, respo
 
 def naive_refusal_sample(logits: torch.Tensor, spec: RefusalSpec, controls: RefusalControls, *,
                          draw: str = "multinomial") -> SampleOutput:
-    """The refusal sampler as a user would write it in eager PyTorch (DESIGN.md rules 1-4).
+    """The refusal sampler as a user would write it in eager PyTorch (README "Semantics", rules 1-4).
 
     float() -> (+bias) -> softmax -> gather refusal probabilities -> threshold -> mask control tokens
     (and ``vocab_mask``) -> multinomial at the row's temperature, or argmax at temperature 0.

@@ -1,4 +1,4 @@
-"""Calibration: score prompts once, then sweep refusal thresholds offline (DESIGN.md "Calibration").
+"""Calibration: score prompts once, then sweep refusal thresholds offline.
 
 `score` runs one batched prefill per chunk of prompts and returns the first-token probability of every
 control token. Everything else here is plain numpy on those scores: the rule-2 decisions of the
@@ -206,7 +206,7 @@ def _check_mode(mode: str) -> None:
 
 
 def decisions(probs, thresholds, mode: str = "category") -> np.ndarray:
-    """Refusal decision of each prompt under DESIGN.md rule 2 (the sampler's own `decide`).
+    """Refusal decision of each prompt under rule 2 of README "Semantics" (the sampler's own `decide`).
 
     Parameters
     ----------

@@ -46,7 +46,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--respond-token", metavar="TOKEN",
                    help=f"respond token string or id (default {RESPOND_TOKEN} if present; 'none' for no token)")
     p.add_argument("--mode", choices=("category", "sum"), default="category",
-                   help="decision rule the thresholds are for (DESIGN.md rule 2)")
+                   help="decision rule the thresholds are for (README 'Semantics', rule 2)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
     p.add_argument("--max-length", type=int, help="longest rendered prompt in tokens (default: the model's)")
     p.add_argument("--limit", type=int, metavar="N",

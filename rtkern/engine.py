@@ -33,7 +33,7 @@ class SamplingParams:
 
     thresholds : float, [C] sequence, {category name: float}, or a thresholds file (path or loaded
                  rtkern.thresholds.Thresholds)                   refusal threshold per category (>1: off)
-    mode : "category" | "sum" | "free" | None                    first-token decision rule (DESIGN.md rule 2);
+    mode : "category" | "sum" | "free" | None                    first-token decision rule (README "Semantics", rule 2);
                                                                  None: the thresholds file's, else "category"
     temperature : float                                          0 = greedy
     logit_bias : float or [C] sequence                           added to the refusal tokens' logits

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of the fused refusal sampler (DESIGN.md rules 1-6).
+"""Pure-PyTorch reference of the fused refusal sampler (README "Semantics", rules 1-6).
 
 It serves the tests, the benchmarks' baseline and the CPU path. The Triton kernel in
 `rtkern.kernels.refusal_sampler` implements the same function; both draw one uniform per row from

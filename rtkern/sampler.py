@@ -1,4 +1,4 @@
-"""Public sampler API: `refusal_sample`, `refusal_probs`, `apply_refusal_` (DESIGN.md, fused sampler).
+"""Public sampler API: `refusal_sample`, `refusal_probs`, `apply_refusal_` (semantics: README "Semantics").
 
 Checks here read only shapes, dtypes and devices, so a call never waits on the device and can be
 captured in a CUDA graph; value checks live in `RefusalControls.build`.
@@ -108,7 +108,7 @@ def refusal_sample(logits: torch.Tensor, spec: RefusalSpec, controls: RefusalCon
     out : SampleOutput, optional
         Preallocated outputs (for CUDA graphs).
     backend : {"triton", "torch", None}
-        None picks Triton on CUDA and the PyTorch reference elsewhere.
+        None picks Triton on CUDA (for V < 2**24) and the PyTorch reference otherwise.
 
     Returns
     -------

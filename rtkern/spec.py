@@ -254,7 +254,7 @@ class RefusalControls:
 
     thresholds : float32 [B, C]    refusal threshold per category (``sum`` mode reads column 0)
     logit_bias : float32 [B, C]    added to each refusal token's logit before everything else
-    mode : int32 [B]               0 ``category``, 1 ``sum``, 2 ``free`` (see DESIGN.md); ``build`` and
+    mode : int32 [B]               0 ``category``, 1 ``sum``, 2 ``free`` (README "Semantics"); ``build`` and
                                    ``update_`` check the codes, the sampler only on CPU tensors (on a GPU
                                    reading them would sync): other codes are undefined
     temperature : float32 [B]      0 = greedy

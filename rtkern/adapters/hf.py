@@ -66,7 +66,7 @@ class RefusalLogitsProcessor(_Base):
         ``rtkern calibrate`` (its path, or `rtkern.thresholds.load_thresholds`'s result). A value above 1
         switches a category off. ``sum`` mode reads column 0.
     mode : str or sequence of str, optional
-        ``"category"``, ``"sum"`` or ``"free"`` (DESIGN.md), for every prompt or one per prompt. None
+        ``"category"``, ``"sum"`` or ``"free"`` (README "Semantics"), for every prompt or one per prompt. None
         (default): the thresholds file's mode, else ``"category"``.
     logit_bias : float, sequence, mapping or torch.Tensor, default 0.0
         Added to each refusal token's logit before anything else; same forms as ``thresholds``
@@ -79,7 +79,8 @@ class RefusalLogitsProcessor(_Base):
         prompt extends the last conversation included), or when its first ``prompt_length`` tokens
         differ from that prompt (a comparison that waits on the device once per step).
     backend : {"triton", "torch", None}
-        Passed to `apply_refusal_`; None picks Triton on CUDA and the PyTorch reference elsewhere.
+        Passed to `apply_refusal_`; None picks Triton on CUDA (for V < 2**24) and the PyTorch
+        reference otherwise.
 
     Attributes
     ----------
