@@ -4,25 +4,33 @@ Every method generates ``new`` tokens for ``B`` prompts of ``prompt`` random tok
 decision at the first position and control tokens masked afterwards (EOS ignored, so all rows run to
 the end). ``ms/step`` = (t(new tokens) - t(1 token)) / (new - 1): the prefill and the first-token
 decision cancel, leaving the steady decode step. Each t is the median of ``reps`` runs of the whole
-call (which returns host values, so the device has finished).
+call (which returns host values, so the device has finished), after one warm-up run of ``new`` tokens
+(graph capture, compilation, cache allocation); the transformers baselines, slow and steady, take
+``--baseline-reps``. Every rep is kept in the JSON; a point whose t(new) is not above t(1) is flagged.
 
 ==================  ====================================================================================
 method              what runs
 ==================  ====================================================================================
-``rtkern``          `rtkern.engine.Engine`: static KV cache; on CUDA each step is one CUDA-graph replay
-                    with the fused Triton sampler inside; on CPU eager with the PyTorch reference sampler
+``rtkern``          `rtkern.engine.Engine` (token-id prompts, no detokenising): static KV cache; on CUDA
+                    each step is one CUDA-graph replay with the fused Triton sampler inside, plus the copy
+                    of the sampled tokens into the output; on CPU eager with the PyTorch reference sampler
 ``rtkern-compile``  the same decode step through ``torch.compile`` before capture (CUDA only)
 ``rtkern-triton``   the engine with ``kernels="triton"``: the step on rtkern.fused_decode's Triton kernels
                     (GEMMs with RMSNorm, SwiGLU and residual add fused in, RoPE + cache write, split
-                    decode attention; 7 launches per layer) inside the same CUDA graph (CUDA only)
+                    decode attention; 5 launches per layer for SmolLM2, 7 for the 8B shape) inside the
+                    same CUDA graph (CUDA only)
 ``gpt-fast``        our model, decode step ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) with
                     plain PyTorch sampling (control tokens masked, exponential-race multinomial) (CUDA only)
 ``hf-dynamic``      transformers ``generate`` (eager, DynamicCache) + `RefusalLogitsProcessor`
-``hf-static``       the same with ``cache_implementation="static"``
+``hf-static``       the same with ``cache_implementation="static"``, eager (``disable_compile``: transformers
+                    would otherwise compile a static-cache ``generate`` on CUDA by itself)
 ==================  ====================================================================================
 
-Derived: ``tok/s`` = B / step; ``GB/s`` = bytes a step must read (weights once, the KV cache of the
-mean context) / step; ``%bw`` = GB/s over ``--bandwidth`` (3.02e12 B/s: H100 SXM copy bandwidth).
+Derived: ``tok/s`` = B / step; ``GB/s`` = bytes a step must read / step, counting every weight once
+except an untied input embedding (a step gathers B of its rows) plus K and V of the mean context
+(prompt + new / 2); ``floor_ms`` = those bytes / bandwidth; ``%bw`` = GB/s over the bandwidth, which is
+the device-to-device copy bandwidth measured in the same run unless ``--bandwidth`` gives one. (The issue's
+Llama-3-8B floor counts all 8.03 B parameters, 16.1 GB: 6% more than this convention's 15.0 GB.)
 
 Run: ``rtkern bench decode --help``.
 """
@@ -42,7 +50,7 @@ import torch
 from rtkern.argtypes import finite_float, int_at_least
 from rtkern.spec import RefusalSpec
 
-from .sampler import DTYPES, H100_BANDWIDTH, Unavailable, environment
+from .sampler import DTYPES, Unavailable, copy_bandwidth, environment
 
 DEFAULT_OUT = Path("results") / "bench-decode"
 METHODS = ("rtkern", "rtkern-compile", "rtkern-triton", "gpt-fast", "hf-dynamic", "hf-static")
@@ -61,9 +69,13 @@ class Row:
     tok_s: Optional[float] = None
     gbps: Optional[float] = None
     pct_bw: Optional[float] = None
-    prefill_ms: Optional[float] = None
+    floor_ms: Optional[float] = None
+    first_token_ms: Optional[float] = None   # the whole 1-token call: prefill, decision, host read
     status: str = "ok"
     error: Optional[str] = None
+    warning: Optional[str] = None
+    t1_ms: Optional[list] = None             # every timed rep of the 1-token and the new-token call
+    tn_ms: Optional[list] = None
 
 
 # -- model under test ----------------------------------------------------------------------------
@@ -115,7 +127,8 @@ def _rtkern(model, tok, spec, prompts, variant: str):
     from rtkern.engine import Engine, SamplingParams
     if variant and not torch.cuda.is_available():
         raise Unavailable("needs CUDA")
-    eng = Engine(model, tok, spec, max_batch=len(prompts), compile=variant == "compile", check_every=1 << 30,
+    # no tokenizer: the prompts are ids and HF returns ids, so neither side pays for detokenising
+    eng = Engine(model, None, spec, max_batch=len(prompts), compile=variant == "compile", check_every=1 << 30,
                  kernels="triton" if variant == "triton" else "torch")
 
     def run(n: int):
@@ -146,7 +159,7 @@ def _hf(model, spec, prompts, static: bool):
     hf = hf_view(model)
     ids = torch.tensor(prompts, device=model.embed_tokens.weight.device)
     proc = RefusalLogitsProcessor(spec, thresholds=0.5)
-    kw = dict(cache_implementation="static") if static else {}
+    kw = dict(cache_implementation="static", disable_compile=True) if static else {}
 
     def run(n: int):
         proc.reset()
@@ -200,13 +213,13 @@ def build(method: str, model, tok, spec, prompts, max_new: int) -> Callable[[int
 
 # -- timing -----------------------------------------------------------------------------------------
 
-def _median_s(fn: Callable[[], None], reps: int) -> float:
+def _times_s(fn: Callable[[], None], reps: int) -> list[float]:
     times = []
     for _ in range(reps):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return times
 
 
 def bench_point(model, tok, spec, name: str, dtype: str, batch: int, method: str, *, prompt: int, new: int,
@@ -217,17 +230,22 @@ def bench_point(model, tok, spec, name: str, dtype: str, batch: int, method: str
     prompts = torch.randint(0, hi, (batch, prompt), generator=g).tolist()
     try:
         run = build(method, model, tok, spec, prompts, new)
-        run(new)  # warm-up: graph capture, compilation, autotuning
-        t1, tn = _median_s(lambda: run(1), reps), _median_s(lambda: run(new), reps)
+        run(new)  # warm-up: graph capture, compilation, autotuning, caches sized for `new`
+        t1s, tns = _times_s(lambda: run(1), reps), _times_s(lambda: run(new), reps)
     except Unavailable as e:
         row.status, row.error = "skipped", str(e)
         return row
     except Exception as e:  # noqa: BLE001  (a baseline failing, e.g. HF static + compile, is a result)
         row.status, row.error = "failed", f"{type(e).__name__}: {e}"[:300]
         return row
+    t1, tn = statistics.median(t1s), statistics.median(tns)
+    row.t1_ms, row.tn_ms = [round(t * 1e3, 4) for t in t1s], [round(t * 1e3, 4) for t in tns]
+    if tn <= t1:
+        row.warning = "t(new) <= t(1): the decode steps are lost in timing noise"
     step = (tn - t1) / (new - 1)
-    row.ms_per_step, row.tok_s, row.prefill_ms = step * 1e3, batch / step, t1 * 1e3
-    row.gbps = step_bytes(model, batch, prompt + new // 2) / step / 1e9
+    nbytes = step_bytes(model, batch, prompt + new // 2)
+    row.ms_per_step, row.tok_s, row.first_token_ms = step * 1e3, batch / step, t1 * 1e3
+    row.gbps, row.floor_ms = nbytes / step / 1e9, nbytes / bandwidth * 1e3
     row.pct_bw = 100 * row.gbps * 1e9 / bandwidth
     return row
 
@@ -239,12 +257,14 @@ def _f(x, spec):
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    head = f"{'model':28} {'dtype':5} {'B':>4} {'method':15} {'ms/step':>9} {'tok/s':>9} {'GB/s':>8} {'%bw':>6} {'1-token ms':>10}"
+    head = (f"{'model':28} {'dtype':5} {'B':>4} {'method':15} {'ms/step':>9} {'floor ms':>8} {'tok/s':>9} "
+            f"{'GB/s':>8} {'%bw':>6} {'1-token ms':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        tail = "" if r.status == "ok" else f"  {r.status}: {r.error}"
+        tail = f"  {r.status}: {r.error}" if r.status != "ok" else f"  ({r.warning})" if r.warning else ""
         lines.append(f"{r.model:28} {r.dtype:5} {r.batch:>4} {r.method:15} {_f(r.ms_per_step, '9.3f')} "
-                     f"{_f(r.tok_s, '9.1f')} {_f(r.gbps, '8.1f')} {_f(r.pct_bw, '6.1f')} {_f(r.prefill_ms, '10.1f')}{tail}")
+                     f"{_f(r.floor_ms, '8.3f')} {_f(r.tok_s, '9.1f')} {_f(r.gbps, '8.1f')} {_f(r.pct_bw, '6.1f')} "
+                     f"{_f(r.first_token_ms, '10.1f')}{tail}")
     return "\n".join(lines)
 
 
@@ -267,7 +287,8 @@ def plot(rows: Sequence[Row], path: Path) -> Path:
         ax.set_yscale("log")
         ax.set_ylabel("ms per decode step (lower is better)")
         ax.set_title(f"{m} ({dt})")
-        ax.legend(fontsize=8)
+        if methods:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -276,28 +297,51 @@ def plot(rows: Sequence[Row], path: Path) -> Path:
 
 
 def run(models: Sequence[str], batches: Sequence[int], methods: Sequence[str], device, dtype: str, *,
-        prompt: int, new: int, reps: int, bandwidth: float, out_dir: Path, progress: bool = True) -> list[Row]:
+        prompt: int, new: int, reps: int, baseline_reps: Optional[int] = None, bandwidth: Optional[float] = None,
+        out_dir: Path, progress: bool = True, time_budget: Optional[float] = None) -> list[Row]:
+    """Every (model, batch, method) point; the JSON and table are rewritten after each one, so a run cut
+    short (a device call's time limit) keeps what it measured. Points past ``time_budget`` seconds are
+    recorded as skipped."""
     from tqdm import tqdm
-    rows = []
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    measured = bandwidth is None
+    bandwidth = copy_bandwidth(device) if measured else bandwidth
+    meta = {"env": environment(device), "prompt": prompt, "new_tokens": new, "reps": reps,
+            "baseline_reps": baseline_reps or reps, "bandwidth": bandwidth,
+            "bandwidth_source": "measured device copy" if measured else "--bandwidth", "argv": sys.argv}
+    rows, t0 = [], time.monotonic()
     bar = tqdm(total=len(models) * len(batches) * len(methods), disable=not progress, desc="bench decode")
     for name in models:
-        model, tok, spec = load_subject(name, device, DTYPES[dtype])
+        try:
+            model, tok, spec = load_subject(name, device, DTYPES[dtype])
+        except Exception as e:  # noqa: BLE001 - one model that cannot load must not cost the others
+            model, error = None, f"{type(e).__name__}: {e}"[:300]
         for b in batches:
             for m in methods:
                 bar.set_postfix_str(f"{name} B={b} {m}")
-                rows.append(bench_point(model, tok, spec, name, dtype, b, m, prompt=prompt, new=new, reps=reps,
-                                        bandwidth=bandwidth))
+                if model is None:
+                    row = Row(name, dtype, b, m, status="failed", error=f"loading the model: {error}")
+                elif time_budget is not None and time.monotonic() - t0 > time_budget:
+                    row = Row(name, dtype, b, m, status="skipped", error=f"past --time-budget {time_budget:g} s")
+                else:
+                    r = (baseline_reps or reps) if m.startswith("hf-") else reps
+                    row = bench_point(model, tok, spec, name, dtype, b, m, prompt=prompt, new=new, reps=r,
+                                      bandwidth=bandwidth)
+                rows.append(row)
+                _save(out_dir, meta, rows)
                 bar.update()
         del model
     bar.close()
     print(format_table(rows))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"env": environment(device), "prompt": prompt, "new_tokens": new, "reps": reps, "bandwidth": bandwidth,
-            "argv": sys.argv}
-    (out_dir / "decode.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
-    print(f"wrote {out_dir / 'decode.json'} and {plot(rows, out_dir / 'decode.png')}")
+    print(f"wrote {out_dir / 'decode.json'}, {out_dir / 'decode.md'} and {plot(rows, out_dir / 'decode.png')}")
     return rows
+
+
+def _save(out_dir: Path, meta: dict, rows: Sequence[Row]) -> None:
+    (out_dir / "decode.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+    bw = f"{meta['bandwidth'] / 1e12:.2f} TB/s ({meta['bandwidth_source']})"
+    (out_dir / "decode.md").write_text(f"bandwidth {bw}\n\n```\n{format_table(rows)}\n```\n")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -315,8 +359,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default 256; CPU 16)")
     p.add_argument("--reps", type=int_at_least(1), default=None,
                    help="timed runs per point (median; default 5, CPU 2)")
+    p.add_argument("--baseline-reps", type=int_at_least(1), default=None,
+                   help="timed runs per point of the transformers baselines (default: --reps, at most 3)")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--bandwidth", type=finite_float(0.0, strict=True), default=H100_BANDWIDTH, help="bytes/s for the %%bw column")
+    p.add_argument("--bandwidth", type=finite_float(0.0, strict=True), default=None,
+                   help="bytes/s for floor_ms and %%bw (default: the device copy bandwidth, measured in the run)")
+    p.add_argument("--time-budget", type=finite_float(0.0, strict=True), default=None,
+                   help="seconds; points not started by then are recorded as skipped (fit a time-limited call)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--no-progress", action="store_true")
 
@@ -332,7 +381,8 @@ def run_from_args(args: argparse.Namespace) -> int:
                          "--batch at least 1")
     run(models, batches, args.methods or (GPU_METHODS if cuda else CPU_METHODS),
         torch.device(args.device), args.dtype, prompt=args.prompt, new=new, reps=reps,
-        bandwidth=args.bandwidth, out_dir=args.out, progress=not args.no_progress)
+        baseline_reps=args.baseline_reps or min(reps, 3), bandwidth=args.bandwidth, out_dir=args.out,
+        progress=not args.no_progress, time_budget=args.time_budget)
     return 0
 
 

@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
 # GPU work in device-call-sized parts (see ../shared/DEVICE.md). From the repo root on the lent machine:
 #   bash bench/gpu.sh /tmp/m/smollm2.gguf tests sampler     # ~6 min
-#   bash bench/gpu.sh /tmp/m/smollm2.gguf kernels decode    # ~8 min
-#   bash bench/gpu.sh /tmp/m/smollm2.gguf score train
-# Parts: tests (GPU pytest), sampler, kernels, score, train, decode (default: all; more than one 10-min call).
+#   bash bench/gpu.sh /tmp/m/smollm2.gguf decode-small      # the main job, SmolLM2 (~7 min, budgeted)
+#   bash bench/gpu.sh /tmp/m/smollm2.gguf decode-8b         # the main job, Llama-3-8B shape (~7 min)
+#   bash bench/gpu.sh /tmp/m/smollm2.gguf kernels score train
+# Parts: tests (GPU pytest), sampler, kernels, score, train, decode-small, decode-8b (default: all; several
+# 10-min calls). The decode parts rewrite their JSON/table after every point and stop starting points
+# after --time-budget, so a call's limit never costs what was measured.
+# Wheels carried in .whl/ (gguf: the GGUF loader needs it; DEVICE.md) are installed first.
 # Everything lands in $OUT (default ./results/gpu): pytest.txt, sampler/kernels/decode .json/.md/.png.
 set -uo pipefail
 GGUF=${1:?path to the SmolLM2 GGUF}
 shift
-PARTS=${*:-tests sampler kernels score train decode}
+PARTS=${*:-tests sampler kernels score train decode-small decode-8b}
 OUT=${OUT:-results/gpu}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" >> "$OUT/gpu.txt"
 for part in $PARTS; do
@@ -32,10 +40,11 @@ for part in $PARTS; do
     train)
       timeout 300 python3 -m rtkern.cli bench train --out "$OUT" > "$OUT/train.txt" 2>&1
       tail -n 8 "$OUT/train.txt" ;;
-    decode)
-      timeout 330 python3 -m rtkern.cli bench decode --no-progress --model "$GGUF" llama3-8b-random --out "$OUT" \
-        > "$OUT/decode.txt" 2>&1
-      tail -n 25 "$OUT/decode.txt" ;;
-    *) echo "unknown part $part (tests|sampler|kernels|score|train|decode)" >&2; exit 2 ;;
+    decode-small|decode-8b)
+      model=$([ "$part" = decode-small ] && echo "$GGUF" || echo llama3-8b-random)
+      timeout 560 python3 -m rtkern.cli bench decode --no-progress --model "$model" --time-budget 420 \
+        --out "$OUT/$part" > "$OUT/$part.txt" 2>&1
+      tail -n 25 "$OUT/$part.txt" ;;
+    *) echo "unknown part $part (tests|sampler|kernels|score|train|decode-small|decode-8b)" >&2; exit 2 ;;
   esac
 done

@@ -19,7 +19,7 @@ impl             what runs
 Columns: ``us`` = ``triton.testing.do_bench`` median (one call, L2 flushed); ``graph_us`` = per call
 when 20 calls replay from one CUDA graph — the cost inside the engine's decode graph, where launch
 overhead is what separates a 1-kernel op from an 8-kernel one; ``floor_us`` = bytes the op must move
-/ ``--bandwidth``. GPU only: on a CPU the kernels run in the Triton interpreter, so only the torch rows
+/ bandwidth (the device copy bandwidth measured in the run, or ``--bandwidth``). GPU only: on a CPU the kernels run in the Triton interpreter, so only the torch rows
 are timed.
 
 Run: ``rtkern bench kernels --help``.
@@ -35,6 +35,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from rtkern.argtypes import finite_float
 from rtkern.kernels.attn_out_proj import attention_out_proj
 from rtkern.kernels.decode_attention import decode_attention, decode_attention_partials
 from rtkern.kernels.fused_linear import fused_linear, fused_linear_reference
@@ -44,7 +45,7 @@ from rtkern.kernels.rope_cache import rope_cache_update, rope_table
 from rtkern.kernels.swiglu import swiglu, swiglu_reference
 from rtkern.model import ModelArgs, _decode_attention, apply_rope, rope_inv_freq
 
-from .sampler import DTYPES, H100_BANDWIDTH, _capture, environment, time_call
+from .sampler import DTYPES, _capture, copy_bandwidth, environment, time_call
 
 DEFAULT_OUT = Path("results") / "bench-kernels"
 GEMM_OPS = ("norm_qkv", "o_residual", "norm_gate_up_swiglu", "down_residual", "lm_head")
@@ -217,7 +218,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--bandwidth", type=float, default=H100_BANDWIDTH, help="bytes/s for floor_us")
+    p.add_argument("--bandwidth", type=finite_float(0.0, strict=True), default=None,
+                   help="bytes/s for floor_us (default: the device copy bandwidth, measured in the run)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -233,9 +235,10 @@ def run_from_args(a: argparse.Namespace) -> int:
         impls.remove("torch-compile")   # minutes of CPU compilation for numbers nobody needs
     from tqdm import tqdm
     points = [(m, op, int(b)) for m in a.models.split(",") for op in ops for b in a.batches.split(",")]
+    bandwidth = a.bandwidth or copy_bandwidth(device)
     rows = []
     for name, op, B in tqdm(points, desc="kernels", unit="point", disable=a.no_progress):
-        rows += bench_op(op, name, B, DTYPES[a.dtype], device, impls, a.bandwidth)
+        rows += bench_op(op, name, B, DTYPES[a.dtype], device, impls, bandwidth)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "kernels.json").write_text(json.dumps(
         {"environment": environment(device), "dtype": a.dtype, "rows": [asdict(r) for r in rows]}, indent=1))

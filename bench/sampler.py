@@ -24,7 +24,8 @@ time per call; for eager methods it hides the host launch cost behind the cache 
 includes the Python/launch overhead. On the CPU both are the median of ``perf_counter`` over a few calls.
 
 Derived columns: ``gbps`` = B*V*elt / us (effective logits bandwidth), ``floor_us`` = B*V*elt /
-``bandwidth`` (the time to read the logits once; 3.02e12 B/s is the H100 SXM copy bandwidth), and
+``bandwidth`` (the time to read the logits once; the device copy bandwidth measured in the run unless
+``--bandwidth`` gives one: 3.02e12 B/s on the H100 SXM), and
 ``x_floor`` = us / floor_us.
 
 Checks: every method that returns refusal probabilities is compared with
@@ -51,7 +52,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 
 from rtkern import RefusalControls, RefusalSpec, SampleOutput, refusal_sample, unpack_vocab_mask
-from rtkern.argtypes import int_at_least
+from rtkern.argtypes import finite_float, int_at_least
 from rtkern.reference import refusal_probs_reference, sample_reference
 
 H100_BANDWIDTH = 3.02e12  # bytes/s, H100 SXM (HBM3) device-to-device copy bandwidth
@@ -434,16 +435,11 @@ def environment(device) -> dict:
     device = torch.device(device)
     info = {"device": str(device), "device_name": platform.processor() or platform.machine(),
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except Exception:  # noqa: BLE001
-        info["triton"] = None
-    try:
-        import flashinfer
-        info["flashinfer"] = getattr(flashinfer, "__version__", "unknown")
-    except Exception:  # noqa: BLE001
-        info["flashinfer"] = None
+    for lib in ("triton", "transformers", "flashinfer"):
+        try:
+            info[lib] = getattr(__import__(lib), "__version__", "unknown")
+        except Exception:  # noqa: BLE001 - an optional library that does not import is recorded as absent
+            info[lib] = None
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info["device_name"] = props.name
@@ -452,6 +448,33 @@ def environment(device) -> dict:
     else:
         info["cpu_threads"] = torch.get_num_threads()
     return info
+
+
+def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s (read + write), the ceiling the byte floors use.
+
+    Measured in the same process as the timings, so an H200 is judged against an H200 (1 GiB on CUDA,
+    median of 20 copies by CUDA events; 256 MiB on the CPU).
+    """
+    device = torch.device(device)
+    n = nbytes if device.type == "cuda" else min(nbytes, 1 << 28)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(20 if device.type == "cuda" else 3):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t)
+    return 2 * n / statistics.median(times)
 
 
 def _fmt(x, spec: str) -> str:
@@ -601,8 +624,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"methods from {list(METHODS)} (default CUDA {list(GPU_DEFAULT_METHODS)}, "
                         f"CPU {list(CPU_DEFAULT_METHODS)})")
     p.add_argument("--device", default=None, help="cuda[:i] or cpu (default: cuda when available)")
-    p.add_argument("--bandwidth", type=float, default=H100_BANDWIDTH,
-                   help="memory bandwidth in bytes/s for the byte floor (default %(default).3g, H100 SXM)")
+    p.add_argument("--bandwidth", type=finite_float(0.0, strict=True), default=None,
+                   help="memory bandwidth in bytes/s for the byte floor (default: the device copy bandwidth, "
+                        "measured in the run)")
     p.add_argument("--categories", type=int, default=5, help="number of refusal tokens C (default 5)")
     p.add_argument("--reps", type=int_at_least(1), default=5, help="timed calls per point on the CPU (default 5)")
     p.add_argument("--compile-mode", default="default",
@@ -627,15 +651,16 @@ def run_from_args(args: argparse.Namespace, argv=None) -> int:
     dtypes = _flat(args.dtype, GPU_DTYPES if cuda else CPU_DTYPES)
     methods = _flat(args.methods, GPU_DEFAULT_METHODS if cuda else CPU_DEFAULT_METHODS)
     bad = [x for x in batches + vocabs if x < 1]
-    if bad or args.categories < 1 or args.bandwidth <= 0:
-        print(f"error: batch/vocab/categories/bandwidth must be positive (got {bad or args.categories})",
+    if bad or args.categories < 1:
+        print(f"error: batch/vocab/categories must be positive (got {bad or args.categories})",
               file=sys.stderr)
         return 2
     small = [v for v in vocabs if v <= args.categories + 1]
     if small:
         print(f"error: vocab {small} too small for {args.categories} refusal tokens + [respond]", file=sys.stderr)
         return 2
-    result = run(batches, vocabs, dtypes, methods, device, args.out, bandwidth=args.bandwidth, reps=args.reps,
+    bandwidth = args.bandwidth or copy_bandwidth(device)
+    result = run(batches, vocabs, dtypes, methods, device, args.out, bandwidth=bandwidth, reps=args.reps,
                  categories=args.categories, compile_mode=args.compile_mode, progress=not args.no_progress,
                  argv=argv)
     failed = [r for r in result["rows"] if r["status"] == "error"]

@@ -1,8 +1,10 @@
 """`rtkern bench sampler` end to end on a tiny CPU grid: files written, rows well-formed (no timing limits)."""
 import json
 import math
+import statistics
 
 import pytest
+import transformers
 
 from rtkern import cli
 
@@ -74,7 +76,24 @@ def test_bench_decode_cpu(tiny_dir, tmp_path, capsys):
         assert r["status"] == "ok", r
         # a tiny model's step is lost in timing noise: check the bookkeeping, not the sign
         assert math.isfinite(r["ms_per_step"]) and r["tok_s"] == pytest.approx(b / r["ms_per_step"] * 1e3)
-    assert "ms/step" in capsys.readouterr().out
+        assert len(r["t1_ms"]) == len(r["tn_ms"]) == 1 and r["floor_ms"] > 0
+        assert (r["warning"] is not None) == (statistics.median(r["tn_ms"]) <= statistics.median(r["t1_ms"]))
+    assert data["meta"]["bandwidth_source"] == "measured device copy" and data["meta"]["bandwidth"] > 1e8
+    assert data["meta"]["env"]["transformers"] == transformers.__version__
+    assert "ms/step" in capsys.readouterr().out and "ms/step" in (tmp_path / "decode.md").read_text()
+
+
+def test_bench_decode_keeps_going_past_a_broken_model_and_a_spent_budget(tiny_dir, tmp_path):
+    rc = cli.main(["bench", "decode", "--model", str(tmp_path / "missing"), str(tiny_dir), "--batch", "1", "2",
+                   "--prompt", "8", "--new", "3", "--reps", "1", "--device", "cpu", "--no-progress",
+                   "--out", str(tmp_path), "--methods", "rtkern", "--bandwidth", "1e10", "--time-budget", "1e-9"])
+    assert rc == 0
+    data = json.loads((tmp_path / "decode.json").read_text())
+    assert data["meta"]["bandwidth_source"] == "--bandwidth" and data["meta"]["bandwidth"] == 1e10
+    status = [(r["model"] == str(tiny_dir), r["status"]) for r in data["rows"]]
+    assert status == [(False, "failed")] * 2 + [(True, "skipped")] * 2
+    assert "loading the model: FileNotFoundError" in data["rows"][0]["error"]
+    assert "past --time-budget" in data["rows"][2]["error"]
 
 
 def test_bench_score(tiny_dir, tmp_path, capsys):
