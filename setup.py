@@ -19,8 +19,8 @@ setup(
         "rtkern.bench": "bench",
     },
     install_requires=[
-        "torch>=2.4,<3",
-        "triton>=3.2,<4",
+        "torch>=2.11,<3",       # the GPU image's torch 2.11 and CI's newest
+        "triton>=3.6,<4",       # kernels compile-checked on Triton 3.6 and 3.9 (tests/gpu_compile.py)
         "transformers>=4.45,<6",
         "tokenizers>=0.20",
         "safetensors>=0.4",

@@ -39,6 +39,23 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or interpreter_enabled()
 
 
+def check_disjoint(**named) -> None:
+    """ValueError if the memory spans of two of the named tensors overlap: a kernel that reads one while
+    writing the other (in place, tile by tile) could read values it has already overwritten. Spans, not
+    elements: two interleaved views that never alias (columns of one matrix) are refused too."""
+    spans = {}
+    for name, t in named.items():
+        if t is None or t.numel() == 0:
+            continue
+        lo = t.data_ptr()
+        spans[name] = (lo, lo + (1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))) * t.element_size())
+    items = list(spans.items())
+    for i, (a, (a0, a1)) in enumerate(items):
+        for b, (b0, b1) in items[i + 1:]:
+            if a0 < b1 and b0 < a1:
+                raise ValueError(f"{a} and {b} overlap in memory; pass separate tensors (e.g. {b}.clone())")
+
+
 def check_tensors(**named) -> torch.device:
     """The launchers' first check: every argument a tensor, all on one device that Triton can run on.
 

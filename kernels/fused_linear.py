@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_eps, check_tensors, interpreter_enabled, num_sms, round_to
+from ._common import check_disjoint, check_eps, check_tensors, interpreter_enabled, num_sms, round_to
 
 
 @triton.jit
@@ -193,6 +193,9 @@ def check_linear(x, weight, norm_weight, swiglu, residual):
         if swiglu:
             raise ValueError("swiglu and residual cannot be combined")
         n = weight.shape[0]
-        if residual.shape != (x.shape[0], n) or residual.dtype != x.dtype or residual.stride(1) != 1:
+        if residual.shape != (x.shape[0], n) or residual.dtype != x.dtype or residual.stride(1) != 1 \
+                or (x.shape[0] > 1 and residual.stride(0) < n):
             raise ValueError(f"residual must be a [{x.shape[0]}, {n}] {x.dtype} tensor with a contiguous last "
-                             f"dimension, got {tuple(residual.shape)} {residual.dtype}")
+                             f"dimension and rows that do not overlap, got {tuple(residual.shape)} {residual.dtype} "
+                             f"with strides {residual.stride()}")
+        check_disjoint(x=x, weight=weight, norm_weight=norm_weight, residual=residual)

@@ -92,7 +92,8 @@ def qkv_rope(x: torch.Tensor, wqkv: torch.Tensor, pos: torch.Tensor, table: torc
     if M == 0:
         return q
     cfg = gemm_config(M, half, K, x.device)
-    cfg["BLOCK_N"] = triton.next_power_of_2(half)
+    # tl.dot tiles need N >= 16 on some Triton/arch pairs; the extra columns of a small head are masked
+    cfg["BLOCK_N"] = max(triton.next_power_of_2(half), 16 if cfg["USE_DOT"] else 1)
     if not cfg["USE_DOT"]:      # keep the multiply-reduce tile within the register budget of gemm_config
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], max(16, 8192 // (cfg["BLOCK_M"] * cfg["BLOCK_N"])))
     grid = (n_heads + 2 * n_kv_heads, triton.cdiv(M, cfg["BLOCK_M"]))

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_tensors, round_to
+from ._common import check_disjoint, check_tensors, round_to
 
 
 @triton.jit
@@ -83,6 +83,9 @@ def rope_cache_update(qkv: torch.Tensor, pos: torch.Tensor, table: torch.Tensor,
 def check_rope_cache(width, B, pos, table, k_cache, v_cache, n_heads, n_kv_heads, dtype):
     """Checks shared with qkv_rope: ``width`` q/k/v columns for ``B`` rows, positions, table and caches."""
     check_tensors(pos=pos, table=table, k_cache=k_cache, v_cache=v_cache)
+    for name, n in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
     if table.dim() != 2 or table.dtype != torch.float32 or not table.is_contiguous() or table.shape[-1] % 2 \
             or 0 in table.shape:
         raise ValueError(f"table must be a contiguous, non-empty [S, Dh] float32 tensor with even Dh, got "
@@ -98,6 +101,7 @@ def check_rope_cache(width, B, pos, table, k_cache, v_cache, n_heads, n_kv_heads
                 or not c.is_contiguous():
             raise ValueError(f"{name} must be a contiguous [>={B}, {want[0]}, {want[1]}, {want[2]}] {dtype} "
                              f"tensor, got {tuple(c.shape)} {c.dtype}")
+    check_disjoint(k_cache=k_cache, v_cache=v_cache)
 
 
 def rope_cache_update_reference(qkv, pos, table, k_cache, v_cache, n_heads, n_kv_heads):

@@ -101,7 +101,9 @@ def decode_step(model, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     ----------
     model : rtkern.model.Transformer after ``setup_cache`` and ``prepare``
     tokens : [B] int64, the current token of each row
-    pos : [B] int64, each token's position (``< model.max_seq``; the engine guarantees it)
+    pos : [B] int64, each token's position, ``< model.max_seq``. Not checked: pos lives on the device and
+        a check would wait for it every step; the engine holds rows past their budget at the last slot.
+        A position beyond the cache writes outside the row's slots.
     """
     a = model.args
     res = model.embed_tokens(tokens)        # the residual stream: each block adds into it in place

@@ -6,7 +6,7 @@ checkpoint is a key rename (``hf_to_rtkern_state_dict`` / ``rtkern_to_hf_state_d
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +76,12 @@ class ModelArgs:
                     "intermediate_size"):
             if key not in cfg:
                 raise ValueError(f"config is missing required field {key!r}")
+        if cfg.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
+            raise ValueError(f"unsupported partial_rotary_factor={cfg['partial_rotary_factor']} (rotary over the "
+                             "whole head only)")
         # transformers>=5 writes `rope_parameters` (theta inside); older configs use rope_theta + rope_scaling.
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+        _check_rope_spellings_agree(cfg)
         theta = cfg.get("rope_theta")
         if rope is not None:
             rope = dict(rope)
@@ -102,9 +106,11 @@ class ModelArgs:
         )
 
     def to_hf_config(self) -> dict:
+        """A transformers ``config.json`` dict; GGUF frequency factors become the llama3 scaling they encode."""
+        scaling = self.rope_scaling if self.rope_freq_factors is None else _llama3_scaling_of(self)
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_scaling is not None:
-            rope = {**self.rope_scaling, "rope_type": "llama3", "rope_theta": self.rope_theta}
+        if scaling is not None:
+            rope = {**scaling, "rope_type": "llama3", "rope_theta": self.rope_theta}
             rope.pop("type", None)
         return {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
@@ -113,7 +119,7 @@ class ModelArgs:
             "head_dim": self.head_dim, "vocab_size": self.vocab_size,
             "intermediate_size": self.intermediate_size, "rms_norm_eps": self.norm_eps,
             # both spellings, so transformers 4.x and 5.x read the same rope
-            "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling, "rope_parameters": rope,
+            "rope_theta": self.rope_theta, "rope_scaling": scaling, "rope_parameters": rope,
             "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
             "attention_bias": False, "mlp_bias": False,
@@ -152,6 +158,31 @@ _CONFIGS = {
                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
 }
+
+
+def _check_rope_spellings_agree(cfg: dict) -> None:
+    # transformers 5 reads rope_scaling when both are there; a config whose two spellings differ is ambiguous
+    a, b = cfg.get("rope_parameters"), cfg.get("rope_scaling")
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return
+    kind = [d.get("rope_type", d.get("type", "default")) for d in (a, b)]
+    same = kind[0] == kind[1] and all(a[k] == b[k] for k in a.keys() & b.keys() - {"rope_type", "type"})
+    if not same:
+        raise ValueError(f"rope_parameters {a} and rope_scaling {b} disagree; keep one")
+
+
+def _llama3_scaling_of(args: ModelArgs) -> dict:
+    """The llama3 ``rope_scaling`` whose frequencies equal a GGUF's ``rope_freq_factors`` (llama.cpp
+    stores Llama-3.x scaling as per-frequency divisors; a Hugging Face config can only say llama3)."""
+    target = rope_inv_freq(args)
+    for factor in (8.0, 16.0, 32.0, 64.0):   # Llama 3.1 uses 8, Llama 3.2 32; the others share low/high/context
+        s = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+             "original_max_position_embeddings": 8192}
+        if torch.allclose(rope_inv_freq(replace(args, rope_freq_factors=None, rope_scaling=s)), target,
+                          rtol=1e-5, atol=0):
+            return s
+    raise ValueError("the GGUF's rope frequency factors match no llama3 rope_scaling (factor 8, 16, 32 or 64 "
+                     "with low 1, high 4, original context 8192): a Hugging Face config cannot express them")
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:

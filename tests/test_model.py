@@ -118,6 +118,21 @@ def test_llama3_inv_freq_matches_transformers():
     assert not torch.allclose(ours, rope_inv_freq(ModelArgs(dim=256, n_heads=2, rope_theta=500000.0)))
 
 
+@pytest.mark.parametrize("name", ["llama3.1-8b", "llama3.2-1b"])
+def test_gguf_rope_factors_are_saved_as_the_llama3_scaling_they_encode(name):
+    # llama.cpp keeps Llama-3.x scaling as per-frequency divisors; a checkpoint's config.json must say llama3
+    args = ModelArgs.from_name(name)
+    plain = rope_inv_freq(dataclasses.replace(args, rope_scaling=None))
+    factors = tuple((plain / rope_inv_freq(args)).tolist())
+    gguf = dataclasses.replace(args, rope_scaling=None, rope_freq_factors=factors)
+    back = ModelArgs.from_hf_config(gguf.to_hf_config())
+    assert back.rope_scaling["factor"] == args.rope_scaling["factor"]
+    torch.testing.assert_close(rope_inv_freq(back), rope_inv_freq(args), atol=0, rtol=1e-6)
+    odd = dataclasses.replace(gguf, rope_freq_factors=tuple(f * 1.5 for f in factors))
+    with pytest.raises(ValueError, match="match no llama3 rope_scaling"):
+        odd.to_hf_config()
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_training_backward_matches_hf_grads(name):
     hf = hf_model(name).train()
@@ -199,6 +214,9 @@ def test_bf16_logits_are_as_close_to_fp32_as_transformers_bf16(pair):
     ({"hidden_size": None}, "missing required field 'hidden_size'"),
     ({"num_key_value_heads": 3}, "n_heads=4 is not a multiple of n_kv_heads=3"),
     ({"head_dim": 15}, "head_dim=15 must be even"),
+    ({"partial_rotary_factor": 0.5}, "unsupported partial_rotary_factor=0.5"),
+    # transformers reads one spelling, we the other: refuse rather than guess
+    ({"rope_scaling": {**LLAMA3_ROPE, "original_max_position_embeddings": 8192}}, "disagree; keep one"),
 ])
 def test_from_hf_config_rejects_unsupported(change, match):
     base = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4).to_dict()
