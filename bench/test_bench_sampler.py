@@ -51,6 +51,8 @@ def test_sampler(benchmark, method, batch, vocab, dtype):
         benchmark.extra_info["gbps"] = nbytes / median / 1e9
 
     res = built.result()
+    if method == "rtkern-torch":
+        return  # it is sample_reference itself: timed here, checked against the kernel in tests/test_sampler.py
     if hasattr(res, "refused"):  # flashinfer returns tokens only
         want = sample_reference(logits, spec, controls)
         assert torch.equal(res.refused.cpu(), want.refused.cpu())

@@ -248,6 +248,28 @@ def test_next_turn_extending_the_last_conversation_is_a_new_generation(hf, promp
     torch.testing.assert_close(proc.refusal_probs, refusal_probs(logits, SPEC), rtol=1e-4, atol=1e-7)
 
 
+def test_new_prompts_one_token_longer_than_the_last_call_are_a_new_generation(hf, prompts):
+    # same length as a continuation of the previous call would have: only the content tells them apart
+    proc = RefusalLogitsProcessor(SPEC, thresholds=0.0)
+    generate(hf, prompts[:2], proc, max_new_tokens=1)
+    other = torch.cat([prompts[4:6], prompts[6:8, :1]], 1)
+    out = generate(hf, other, proc, max_new_tokens=2)
+    logits = first_logits(hf, other)
+    assert proc.prompt_length == L + 1
+    torch.testing.assert_close(out[:, L + 1], expected(logits, 0.0).tokens)
+    torch.testing.assert_close(proc.refusal_probs, refusal_probs(logits, SPEC), rtol=1e-4, atol=1e-7)
+
+
+def test_free_mode_invalid_rows_stay_invalid():
+    scores = torch.randn(2, V, generator=torch.Generator().manual_seed(3))
+    scores[1, 9] = float("nan")
+    proc = RefusalLogitsProcessor(SPEC, mode="free", prompt_length=4)
+    proc(torch.zeros(2, 4, dtype=torch.long), scores)
+    assert proc.refused.tolist() == [PENDING, -2]
+    proc(torch.zeros(2, 5, dtype=torch.long), torch.randn(2, V))   # the next step resolves pending rows only
+    assert proc.refused[1] == -2 and proc.refused[0] in (-1, 0, 1, 2)
+
+
 def test_thresholds_file_brings_its_mode(tmp_path, prompts, hf):
     from rtkern.thresholds import save_thresholds
     path = save_thresholds(tmp_path / "t.json", {n: 0.3 for n in NAMES}, mode="sum")

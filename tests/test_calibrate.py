@@ -189,6 +189,18 @@ def test_target_rate_is_hit(C, target):
     assert q < target  # other tokens' refusals count: each token alone fires on less than the target
 
 
+@pytest.mark.parametrize("target", [0.5, 0.9])
+def test_target_rate_in_sum_mode_reads_the_summed_probability(target):
+    probs, y, cat = _synthetic(C=3)
+    choice = choose_for_target_rate(probs, y, cat, target, mode="sum")
+    assert np.all(choice.thresholds == choice.thresholds[0])
+    refused = decisions(probs, choice.thresholds, "sum") >= 0
+    assert target <= refused[y].mean() < target + 1 / y.sum()
+    best = choose_best_f1(probs, y, cat, mode="sum")
+    f1 = binary_metrics(y, decisions(probs, best.thresholds, "sum") >= 0)["f1"]
+    assert f1 == pytest.approx(max(binary_metrics(y, probs.sum(1) >= t)["f1"] for t in np.unique(probs.sum(1))))
+
+
 def test_target_rate_counts_every_token():
     # token 0 also fires on category 1's prompt: choosing each token on its own category would refuse
     # both should-refuse prompts at target 0 (the bug this guards against)
