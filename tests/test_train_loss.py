@@ -58,6 +58,30 @@ def test_bf16_autocast_close_to_fp32():
     assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("chunk", [16, 1000])
+def test_bf16_autocast_runs_the_head_matmul_in_bf16(chunk):
+    """Under autocast the head matmul runs in the autocast dtype (bf16), not in hidden's float32: the
+    loss and gradients equal a reference computed from bf16-cast inputs, and differ from float32's by
+    bf16 rounding."""
+    h, w, y = _inputs(n=64, d=32, v=300)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = chunked_cross_entropy(h, w, y, chunk=chunk)
+    gh, gw = torch.autograd.grad(got, (h, w))
+    ref16 = F.cross_entropy((h.bfloat16() @ w.bfloat16().t()).float(), y, reduction="sum")
+    rh, rw = torch.autograd.grad(ref16, (h, w))
+    ref32 = F.cross_entropy(h @ w.t(), y, reduction="sum")
+    fh, fw = torch.autograd.grad(ref32, (h, w))
+    assert abs(float(ref16) - float(ref32)) > 0.05             # bf16 rounding is visible at this size
+    torch.testing.assert_close(got, ref16, rtol=0, atol=2e-3)  # (chunked log-sum-exp order: ~1e-4)
+    # gradients: bf16 too (allowing for an odd flipped bf16 rounding of softmax - onehot); grad_w only
+    # in one chunk, since across chunks it sums bf16 partial products in float32 (closer than ref16)
+    for g, r, f in ((gh, rh, fh), (gw, rw, fw))[:1 if chunk < len(y) else 2]:
+        assert (g - r).abs().mean() < 0.1 * (g - f).abs().mean()
+    # an explicit compute_dtype wins over autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fp32 = chunked_cross_entropy(h, w, y, chunk=chunk, compute_dtype=torch.float32)
+    torch.testing.assert_close(fp32, ref32, rtol=1e-6, atol=1e-4)
+
 def test_empty_and_tied_weight_grads():
     h, w, y = _inputs(n=0)
     loss = chunked_cross_entropy(h, w, y)

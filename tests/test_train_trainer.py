@@ -103,6 +103,38 @@ def test_accumulation_equals_one_big_batch(base, tmp_path, cw):
         assert not all(torch.allclose(g0[k], g1[k], rtol=1e-3) for k in g1)
 
 
+def test_packed_accumulation_with_control_weight(base, tmp_path):
+    """Packed rows hold several examples, each with its own control token: the denominator counts
+    examples, not rows, and accumulation still equals one big batch equals the per-example reference."""
+    cw = 4.0
+    big = _setup(base, tmp_path, batch_size=6, grad_accum=1, packing=True, control_weight=cw)
+    acc = _setup(base, tmp_path, batch_size=2, grad_accum=3, packing=True, control_weight=cw)
+    rows = big.stream.take(6)
+    exs = [e for r in rows for e in r]
+    assert len(exs) > len(rows) and len({len(r) for r in rows}) > 1     # packed, unevenly
+    l1, n1, g1 = _grads(big, rows)
+    l2, n2, g2 = _grads(acc, rows)
+    n_ref = sum(len(e.ids) - e.n_prompt for e in exs) + (cw - 1) * len(exs)   # one control token per example
+    assert n1 == n2 == n_ref
+    assert len(acc.micro_batches(rows)) == 3
+    torch.testing.assert_close(l1, l2)
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], rtol=1e-5, atol=1e-7)
+    # the weighted mean over every example's targets, each example run on its own
+    model = big.model
+    model.zero_grad(set_to_none=True)
+    ref = []
+    for e in exs:
+        logits = model(torch.tensor([e.ids]))[0, e.n_prompt - 1:-1]
+        nll = F.cross_entropy(logits, torch.tensor(e.ids[e.n_prompt:]), reduction="none")
+        ref.append(nll.sum() + (cw - 1) * nll[0])          # nll[0]: the control token
+    total = torch.stack(ref).sum()
+    torch.testing.assert_close(total.detach(), l1, rtol=1e-5, atol=1e-5)
+    (total / n_ref).backward()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, g1[k], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_packing_equals_unpacked(base, tmp_path, tie):
     tr = _setup(base, tmp_path, tie=tie)
