@@ -333,3 +333,129 @@ def test_engine_without_tokenizer_stops_at_the_models_eos(loaded, monkeypatch):
     r = Engine(model, None, spec).generate([ids], SamplingParams(max_new_tokens=12, thresholds=2.0))[0]
     first = free.index(free[stop_at])
     assert r.finish_reason == "eos" and r.tokens == free[:first + 1]
+
+
+# -- per-request controls, finish reasons and batching (each test kills a surviving engine mutation) --
+
+def _same(got, want):
+    """Results equal up to float noise in the probabilities (batched matmuls round differently)."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert (g.tokens, g.text, g.refused, g.category, g.finish_reason) == \
+            (w.tokens, w.text, w.refused, w.category, w.finish_reason)
+        assert g.refusal_probs == pytest.approx(w.refusal_probs, rel=1e-4, abs=1e-7)
+
+
+def _first_logits(model, ids):
+    """The model's logits for the first generated position, computed without the engine."""
+    model.remove_cache()
+    with torch.no_grad():
+        return model(torch.tensor([ids], device=DEVICE))[:, -1]
+
+
+def test_logit_bias_is_per_request(engine, loaded):
+    model = loaded[0]
+    spec, prompts = engine.spec, PROMPTS[:3]
+    # p(refuse) is ~0.005 unbiased: +8 lifts it past 0.5, -8 keeps it far below
+    params = [SamplingParams(logit_bias=b, thresholds=0.5, max_new_tokens=3) for b in (-8.0, 8.0, 0.0)]
+    got = engine.generate(prompts, params)
+    assert [r.refused for r in got] == [-1, 0, -1]
+    for prompt, p, r in zip(prompts, params, got):
+        _same([r], engine.generate([prompt], p))
+        ids = engine.encode(prompt)
+        logits, bias = _first_logits(model, ids), torch.full((1, 1), p.logit_bias, device=DEVICE)
+        want = rtkern.refusal_probs(logits, spec, logit_bias=bias)
+        assert r.refusal_probs["refuse"] == pytest.approx(want[0, 0].item(), rel=1e-4)
+        ctl = rtkern.RefusalControls.build(1, 1, DEVICE, thresholds=0.5, logit_bias=p.logit_bias,
+                                           temperature=0.0, position=len(ids))
+        assert r.refused == int(rtkern.refusal_sample(logits, spec, ctl).refused)
+
+
+@pytest.fixture(scope="module")
+def category_engine(tmp_path_factory):
+    model, tok = _special_control_checkpoint(tmp_path_factory.mktemp("category"))
+    return Engine(model, tok, max_batch=4, check_every=3)
+
+
+def test_one_batch_mixes_modes(category_engine):
+    engine, spec = category_engine, category_engine.spec
+    assert spec.num_categories == 5
+    # with +3 on every refusal token each p_c is ~0.03-0.06 and their sum ~0.23: sum refuses at 0.2,
+    # category does not, free (greedy) emits the model's own argmax instead of [respond]
+    params = [SamplingParams(mode=m, thresholds=0.2, logit_bias=3.0, max_new_tokens=4) for m in
+              ("category", "sum", "free", "sum")]
+    got = engine.generate(PROMPTS, params)
+    alone = [engine.generate([q], p)[0] for q, p in zip(PROMPTS, params)]
+    _same(got, alone)
+    assert got[0].refused == -1 and got[0].tokens[0] == spec.respond_id
+    assert got[1].refused >= 0 and got[1].tokens[0] == spec.refusal_ids[got[1].refused]
+    assert got[2].tokens[0] != spec.respond_id
+
+
+def test_ignore_eos_runs_to_max_new_tokens(engine, loaded, monkeypatch):
+    tok = loaded[1]
+    ids = engine.encode("hello world")
+    free = engine.generate([ids], SamplingParams(max_new_tokens=8, thresholds=2.0, ignore_eos=True))[0]
+    produced = free.tokens[2]  # a token the model generates (after the control token)
+    monkeypatch.setattr(tok, "eos_ids", tok.eos_ids + [produced])
+    stops = engine.generate([ids], SamplingParams(max_new_tokens=8, thresholds=2.0))[0]
+    assert stops.finish_reason == "eos" and stops.tokens == free.tokens[:free.tokens.index(produced) + 1]
+    runs = engine.generate([ids], SamplingParams(max_new_tokens=8, thresholds=2.0, ignore_eos=True))[0]
+    assert runs.finish_reason == "length" and runs.tokens == free.tokens and len(runs.tokens) == 8
+
+
+def test_invalid_rows_are_reported_and_leave_the_others_alone(loaded, monkeypatch):
+    model, tok, _ = loaded
+    engine = Engine(model, tok, max_batch=4, check_every=3, cuda_graphs=False)
+    params = [SamplingParams(temperature=1.0, seed=s, thresholds=2.0, max_new_tokens=6, ignore_eos=True)
+              for s in range(4)]
+    alone = [engine.generate([q], p)[0] for q, p in zip(PROMPTS, params)]
+    poison = {0: 1, 3: 2}  # forward call -> row whose logits turn NaN: row 1 at prefill, row 2 at decode step 3
+    calls, forward = [], model.forward
+
+    def nan_forward(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if len(calls) in poison:
+            out[poison[len(calls)]] = float("nan")
+        calls.append(1)
+        return out
+
+    monkeypatch.setattr(model, "forward", nan_forward)
+    got = engine.generate(PROMPTS, params)
+    monkeypatch.undo()
+    assert got[1].finish_reason == "invalid" and got[1].refused == -2 and got[1].tokens == []
+    assert got[1].category is None and got[1].text == ""
+    assert got[2].finish_reason == "invalid" and got[2].tokens == alone[2].tokens[:3]
+    assert got[2].refused == alone[2].refused == -1
+    _same([got[0], got[3]], [alone[0], alone[3]])
+    for r in got:
+        assert all(0 <= t < model.args.vocab_size for t in r.tokens)
+
+
+def test_stop_cuts_at_the_shortest_token_prefix(loaded):
+    model, tok, _ = loaded
+    engine = Engine(model, tok, max_batch=4, check_every=64)  # no early exit: every token is generated
+    p = dict(temperature=1.0, seed=7, thresholds=2.0, max_new_tokens=16, ignore_eos=True)
+    base = engine.generate(["hello world"], SamplingParams(**p))[0]
+    skip = set(engine.spec.control_ids) | set(tok.eos_ids)
+
+    def text(row):
+        return tok.decode([t for t in row if t not in skip], skip_special_tokens=True)
+
+    assert text(base.tokens) == base.text and len(base.text) > 8
+    stop = base.text[len(base.text) // 2:][:2]
+    cut = engine.generate(["hello world"], SamplingParams(**p, stop=[stop]))[0]
+    k = next(k for k in range(1, len(base.tokens) + 1) if stop in text(base.tokens[:k]))
+    assert k < len(base.tokens), "the stop string must end before the last token"
+    assert cut.finish_reason == "stop" and cut.tokens == base.tokens[:k]
+    assert cut.text == base.text[:base.text.find(stop)]
+
+
+def test_max_batch_caps_the_batch(loaded):
+    model, tok, _ = loaded
+    engine = Engine(model, tok, max_batch=3, check_every=3)
+    prompts = PROMPTS + ["hello"]
+    params = [SamplingParams(temperature=1.0, seed=s, thresholds=2.0, max_new_tokens=5) for s in range(5)]
+    alone = [engine.generate([q], p)[0] for q, p in zip(prompts, params)]
+    _same(engine.generate(prompts[:3], params[:3]), alone[:3])
+    _same(engine.generate(prompts, params), alone)   # chunks of 3 and 2
