@@ -75,11 +75,19 @@ def load_model(name_or_path, *, device=None, dtype=None) -> tuple[Transformer, T
 
 
 def _register_control_tokens(tok: Tokenizer, path: Path) -> None:
-    # Checkpoints from rtkern's trainer name their control tokens and scheme in rtkern.json; registering
-    # the tokens keeps user text that spells "[refuse]" from tokenizing to the control id.
-    f = path / "rtkern.json"
+    # Registering the tokens keeps user text that spells "[refuse]" from tokenizing to the control id.
+    control = read_control_file(path)
+    if control is not None:
+        tok.add_control_tokens(control[0])
+        tok.scheme = control[1]
+
+
+def read_control_file(path) -> tuple[list[str], str | None] | None:
+    """(control token strings, scheme or None) from the ``rtkern.json`` that rtkern's trainer writes into
+    a checkpoint directory; None when there is none. ValueError naming the file when it is malformed."""
+    f = Path(path) / "rtkern.json"
     if not f.is_file():
-        return
+        return None
     try:
         meta = json.loads(f.read_text(encoding="utf-8"))
         strings = list(meta["refusal_tokens"]) + ([meta["respond_token"]] if meta.get("respond_token") else [])
@@ -88,8 +96,7 @@ def _register_control_tokens(tok: Tokenizer, path: Path) -> None:
         raise ValueError(f"{f}: malformed ({e!r})") from e
     if scheme not in (None, "single", "category"):
         raise ValueError(f"{f}: scheme must be 'single' or 'category', got {scheme!r}")
-    tok.add_control_tokens(strings)
-    tok.scheme = scheme
+    return strings, scheme
 
 
 def build_model(args: ModelArgs, sd: dict, *, device, dtype, source: str = "checkpoint",

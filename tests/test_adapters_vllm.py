@@ -226,3 +226,20 @@ def test_a_thresholds_file_brings_its_mode(tmp_path):
                  lambda: rs.make_logit_processor(SPEC, thresholds=path, mode="category")):
         with pytest.raises(ValueError, match="disagrees with the thresholds file's mode 'sum'"):
             make()
+
+
+@pytest.mark.parametrize("trained", ["single", "category", None])
+def test_spec_found_from_the_vllm_config_follows_the_trained_scheme(tmp_path, trained):
+    import json
+    from rtkern.spec import control_token_strings
+    from tiny import save_tokenizer
+    category = control_token_strings("category")[0]
+    save_tokenizer(tmp_path, control=["[refuse]", "[respond]"] + category)
+    if trained:
+        (tmp_path / "rtkern.json").write_text(json.dumps(
+            {"scheme": trained, "refusal_tokens": ["[refuse]"] if trained == "single" else category,
+             "respond_token": "[respond]"}))
+    cfg = SimpleNamespace(model_config=SimpleNamespace(tokenizer=str(tmp_path), model=str(tmp_path)))
+    spec = rv._spec_from_vllm_config(cfg, None)
+    assert spec.num_categories == (1 if trained == "single" else 5)   # no rtkern.json: category first
+    assert rv._spec_from_vllm_config(cfg, "single").num_categories == 1

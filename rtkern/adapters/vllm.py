@@ -27,7 +27,8 @@ different interface; there select the V1 runner (``VLLM_USE_V2_MODEL_RUNNER=0``)
 
 Registering
 -----------
-With the defaults (spec found in the model's tokenizer, category scheme first, thresholds 0.5)::
+With the defaults (spec found in the model's tokenizer: the scheme its rtkern.json names, else category
+first; thresholds 0.5)::
 
     from vllm import LLM, SamplingParams
     llm = LLM("path/to/refusal-model", logits_processors=["rtkern.adapters.vllm:RefusalLogitsProcessor"])
@@ -55,6 +56,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -247,6 +249,9 @@ def _spec_from_vllm_config(vllm_config, scheme: Optional[str]) -> RefusalSpec:
 
     tok = AutoTokenizer.from_pretrained(path, revision=getattr(mc, "tokenizer_revision", None),
                                         local_files_only=True, trust_remote_code=False)
+    if scheme is None and Path(path).is_dir():  # a checkpoint from rtkern's trainer says which scheme it learned
+        from ..loader import read_control_file
+        scheme = (read_control_file(path) or ([], None))[1]
     try:
         return RefusalSpec.find(tok, scheme)
     except ValueError as e:
@@ -258,7 +263,8 @@ class RefusalLogitsProcessor(_VLLMBase):
     """vLLM v1 logits processor applying rtkern's refusal decision (see the module docstring).
 
     Class attributes (set them with `make_logits_processor`): ``spec`` (None: found in the model's
-    tokenizer), ``scheme`` (for that search: ``"category"``, ``"single"`` or None for both),
+    tokenizer), ``scheme`` (for that search: ``"category"``, ``"single"`` or None: the checkpoint's
+    rtkern.json, else both),
     ``thresholds``, ``mode``, ``logit_bias`` (defaults for requests that do not set them) and
     ``backend``.
     """
