@@ -78,19 +78,7 @@ def test_accumulation_equals_one_big_batch(base, tmp_path, cw):
     for k in g1:
         torch.testing.assert_close(g1[k], g2[k], rtol=1e-5, atol=1e-7)
     # and both equal the (weighted) mean over every target token of the window
-    model = big.model
-    model.zero_grad(set_to_none=True)
-    ref = []
-    for r in rows:
-        e = r[0]
-        logits = model(torch.tensor([e.ids]))[0, e.n_prompt - 1:-1]
-        nll = F.cross_entropy(logits, torch.tensor(e.ids[e.n_prompt:]), reduction="none")
-        ref.append(nll.sum() + (cw - 1) * nll[0])          # nll[0]: the control token
-    total = torch.stack(ref).sum()
-    torch.testing.assert_close(total.detach(), l1, rtol=1e-5, atol=1e-5)
-    (total / n1).backward()
-    for k, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, g1[k], rtol=1e-4, atol=1e-6)
+    _check_per_example_reference(big.model, [r[0] for r in rows], cw, l1, n1, g1)
     if cw == 1.0:
         # averaging per-micro-batch means (the common mistake) gives a different objective on these rows
         with torch.no_grad():
@@ -121,18 +109,23 @@ def test_packed_accumulation_with_control_weight(base, tmp_path):
     for k in g1:
         torch.testing.assert_close(g1[k], g2[k], rtol=1e-5, atol=1e-7)
     # the weighted mean over every example's targets, each example run on its own
-    model = big.model
+    _check_per_example_reference(big.model, exs, cw, l1, n_ref, g1)
+
+
+def _check_per_example_reference(model, examples, cw, loss, n, grads):
+    """``loss`` (a sum) and ``grads`` (of loss / n) equal running each example alone, its control token's
+    loss weighted ``cw``."""
     model.zero_grad(set_to_none=True)
     ref = []
-    for e in exs:
+    for e in examples:
         logits = model(torch.tensor([e.ids]))[0, e.n_prompt - 1:-1]
         nll = F.cross_entropy(logits, torch.tensor(e.ids[e.n_prompt:]), reduction="none")
         ref.append(nll.sum() + (cw - 1) * nll[0])          # nll[0]: the control token
     total = torch.stack(ref).sum()
-    torch.testing.assert_close(total.detach(), l1, rtol=1e-5, atol=1e-5)
-    (total / n_ref).backward()
+    torch.testing.assert_close(total.detach(), loss, rtol=1e-5, atol=1e-5)
+    (total / n).backward()
     for k, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, g1[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p.grad, grads[k], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("tie", [True, False])
