@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from rtkern import cli
-from rtkern.calibrate import (OFF, auroc, binary_metrics, choose_best_f1, choose_for_max_over_refusal,
+from rtkern.calibrate import (OFF, Choice, auroc, binary_metrics, choose_best_f1, choose_for_max_over_refusal,
                               choose_for_target_rate, decisions, last_position_logits, rate_curve,
                               rates_by_group, refusal_score, roc_curve, score, sweep, switch_off_effect,
                               threshold_for_best_f1, threshold_for_max_rate, threshold_for_rate)
-from rtkern.calibrate_data import coconot_is_test, even_subset, load_labelled
+from rtkern.calibrate_data import LabelledPrompts, coconot_is_test, even_subset, load_labelled
+from rtkern.calibrate_report import Analysis, build_report
 from rtkern.spec import CATEGORIES, RESPOND_TOKEN, RefusalSpec, control_token_strings
 from rtkern.thresholds import FORMAT, load_thresholds, save_thresholds, thresholds_tensor
 from tiny import save_tokenizer
@@ -109,6 +110,17 @@ def test_decisions_follow_rule_2():
         decisions(probs, [0.3, float("nan"), 0.3])
 
 
+def test_decisions_and_choices_reject_bad_thresholds_and_categories():
+    probs = np.array([[0.2, 0.7], [0.6, 0.1]], np.float32)
+    for rows in (probs, probs[:0]):   # no prompts: checked all the same
+        with pytest.raises(ValueError, match=">= 0"):
+            decisions(rows, [0.3, -0.1])
+    with pytest.raises(ValueError, match=r"category indices must lie in \[-1, 2\), got \[0, 2\]"):
+        choose_best_f1(probs, [True, False], [2, 0])
+    with pytest.raises(ValueError, match=r"category indices must lie"):
+        choose_for_target_rate(probs, [True, False], [0, -2], 0.5)
+
+
 def test_switch_off_drops_only_its_category():
     rng = np.random.default_rng(1)
     C, n = 3, 600
@@ -151,6 +163,14 @@ def test_threshold_helpers_exact():
     assert t == pytest.approx(0.5) and f1 == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         threshold_for_rate(s, 1.5)
+
+
+def test_threshold_helpers_absorb_rounding_of_rate_times_n():
+    s = np.arange(1, 26, dtype=np.float32)   # 0.28 * 25 = 7.000000000000001 in float64: still the 7th highest
+    assert threshold_for_rate(s, 0.28) == 19.0 and rate_curve(s, [19.0])[0] == 0.28
+    s = np.arange(100, dtype=np.float32)     # 0.29 * 100 = 28.999999999999996: still 29 may fire
+    t = threshold_for_max_rate(s, 0.29)
+    assert 70 < t < 71 and rate_curve(s, [t])[0] == 0.29
 
 
 def _synthetic(n=2000, C=3, seed=0):
@@ -229,6 +249,19 @@ def test_max_over_refusal_is_respected_and_tight(mode):
         assert (decisions(probs, lowered, mode) >= 0)[~y].mean() > r
 
 
+def test_max_over_refusal_hand_computed_budget_met_exactly():
+    # should-comply rows 0-3; one firing per token (0.9 by token 0, 0.8 by token 1) over-refuses 2 of 4,
+    # exactly the budget 0.5; two firings per token (down to 0.3) would over-refuse all 4
+    probs = np.array([[0.9, 0.1], [0.1, 0.8], [0.3, 0.2], [0.2, 0.3], [0.95, 0.95]], np.float32)
+    y = np.array([False, False, False, False, True])
+    choice = choose_for_max_over_refusal(probs, y, 0.5)
+    above = np.nextafter(np.float32(0.3), np.float32(1))
+    np.testing.assert_array_equal(choice.thresholds, [above, above])
+    np.testing.assert_array_equal(decisions(probs, choice.thresholds), [0, 1, -1, -1, 0])
+    assert choice.notes == ["each category token may fire on at most 1 of 4 should-comply prompts"]
+    assert choice.criterion == "over-refusal at most 0.5 on should-comply prompts"
+
+
 def test_best_f1_matches_brute_force():
     probs, y, cat = _synthetic(n=400, C=1)
     choice = choose_best_f1(probs, y, None)
@@ -251,6 +284,58 @@ def test_category_without_examples_keeps_shared_threshold():
     assert choice.notes == ["c: no labelled prompts of this category, kept the shared threshold "
                             f"{choice.thresholds[2]:.4g}"]
     assert choice.thresholds[2] == pytest.approx(threshold_for_rate(probs[y].max(1), 0.8))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report (hand-computed)
+# ---------------------------------------------------------------------------------------------------
+
+# Tokens a, b at 0.5. Refused: 0 (a), 1 (b: both pass, b larger), 3 (b), 5 (a, over-refusal).
+REPORT_PROBS = np.array([[0.9, 0.1], [0.6, 0.7], [0.2, 0.1], [0.1, 0.8],                   # should refuse
+                         [0.3, 0.2], [0.7, 0.1], [0.1, 0.2], [0.4, 0.45], [0.05, 0.05]], np.float32)
+REPORT_Y = np.array([True] * 4 + [False] * 5)
+REPORT_GROUP = np.array([0, 0, 0, 1, 0, 1, 1, 0, -1])
+
+
+def _report(thresholds):
+    a = Analysis(REPORT_PROBS, REPORT_Y, REPORT_GROUP, ["a", "b"], ("a", "b"),
+                 Choice(np.array(thresholds, np.float32), "category", "hand"))
+    return a, build_report(a, {"model": "m"}).splitlines()
+
+
+def test_report_hand_computed():
+    a, lines = _report([0.5, 0.5])
+    m = a.headline()
+    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (3, 1, 4, 1) and m["auroc"] == pytest.approx(0.8)
+    want = [
+        "| a | 0.5 |", "| b | 0.5 |",
+        # rates per set and category
+        "| should refuse (original) | a | 3 | 66.7% |", "| should refuse (original) | b | 1 | 100.0% |",
+        "| should refuse (original) | **all** | 4 | 75.0% |", "| should comply (contrast) | a | 2 | 0.0% |",
+        "| should comply (contrast) | b | 2 | 50.0% |", "| should comply (contrast) | **all** | 5 | 20.0% |",
+        # TPR 3/4, FPR 1/5, precision 3/4, F1 6/8, accuracy 7/9; AUROC 16/20 (max_c p_c, one tie at 0.7,
+        # one at 0.2)
+        "| 75.0% | 20.0% | 75.0% | 0.750 | 77.8% | 0.800 |",
+        # AUROC per category: a 4/6, b 2/2
+        "| **all** | 4 | 5 | 0.800 |", "| a | 3 | 2 | 0.667 |", "| b | 1 | 2 | 1.000 |",
+        # sweep: refuse a, b, all, comply a, b, all
+        "| 0.3 | 66.7% | 100.0% | 75.0% | 100.0% | 50.0% | 60.0% |",
+        "| 0.5 | 66.7% | 100.0% | 75.0% | 0.0% | 50.0% | 20.0% |",
+        # switch-off: rows 0-2 lose row 0 when a is off, row 3 is lost when b is off; row 5 needs a
+        "| (none) | 66.7% | 100.0% | 20.0% |",
+        "| a | 33.3% (-50%) | 100.0% (+0%) | 0.0% |",
+        "| b | 66.7% (+0%) | 0.0% (-100%) | 20.0% |",
+    ]
+    for line in want:
+        assert line in lines, line
+    assert ("| threshold | refuse: a | refuse: b | refuse: all | comply: a | comply: b | comply: all |" in lines)
+    # refused should-refuse prompts of a known category: 0 (a by a), 1 (a by b), 3 (b by b)
+    assert any("66.7% were refused with their own category token" in line for line in lines)
+
+
+def test_report_marks_only_thresholds_above_1_off():
+    _, lines = _report([1.0, 2.0])
+    assert "| a | 1 |" in lines and "| b | 2 (off) |" in lines
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -310,6 +395,8 @@ GOOD = {"format": FORMAT, "mode": "category", "thresholds": {"refuse": 0.5}}
     ('{"format": "rtkern-thresholds/1", "thresholds": {"refuse": 0.2}, "metadata": {"a": {"n": 1, "n": 2}}}',
      "key 'n' appears more than once"),
     (json.dumps([GOOD]), "JSON object"),
+    (json.dumps({**GOOD, "metadata": [1]}), "'metadata' must be an object"),
+    (json.dumps({**GOOD, "created_by": 3}), "'created_by' must be a string"),
 ])
 def test_thresholds_file_rejects_bad_files(tmp_path, content, match):
     f = tmp_path / "bad.json"
@@ -334,6 +421,15 @@ def test_thresholds_file_checks_categories_against_spec(tmp_path):
     with pytest.raises(ValueError, match="must be >= 0"):
         save_thresholds(tmp_path / "x.json", {"refuse": -1})
     assert not (tmp_path / "x.json").exists()
+
+
+def test_thresholds_file_defaults_and_spec_order(tmp_path):
+    f = tmp_path / "t.json"
+    f.write_text(json.dumps({"format": FORMAT, "thresholds": {"b": 0.25, "a": 0.75}}))
+    th = load_thresholds(f)
+    assert th.mode == "category" and th.default is None and th.created_by is None and th.metadata == {}
+    # the tensor follows the spec's order, not the file's or the alphabet's
+    assert thresholds_tensor(th, RefusalSpec([10, 11], None, ["b", "a"])).tolist() == [0.25, 0.75]
 
 
 def test_save_thresholds_takes_numpy_numbers_not_bools(tmp_path):
@@ -409,12 +505,65 @@ def test_data_bom_accepted_and_repeated_csv_column_rejected(tmp_path):
         load_labelled(f)
 
 
+def test_label_spellings_category_names_and_empty_files(tmp_path):
+    c = tmp_path / "l.csv"
+    labels = ["refuse", "Refusal", "1", "TRUE", "yes", "comply", "compliance", "respond", "0", "false", "no"]
+    cats = ["humanizing REQUESTS", " Unknowns ", "", "Other", "x", "", "", "", "", "", ""]
+    c.write_text("prompt,label,category\n" + "".join(f"p{i},{lab},{cat}\n" for i, (lab, cat) in
+                                                     enumerate(zip(labels, cats))))
+    d = load_labelled(c)
+    assert d.should_refuse.tolist() == [True] * 5 + [False] * 6
+    assert d.categories[:5] == ["Humanizing requests", "Indeterminate requests", None, "Other", "x"]
+    j = tmp_path / "l.jsonl"
+    j.write_text("".join(json.dumps({"prompt": "p", "label": v}) + "\n" for v in (1.0, 0.0, True, False, 1, 0)))
+    assert load_labelled(j).should_refuse.tolist() == [True, False, True, False, True, False]
+    j.write_text(json.dumps({"prompt": "p", "label": 1, "category": 3}) + "\n")
+    with pytest.raises(ValueError, match=r"l\.jsonl:1: 'category' must be a string, got 3"):
+        load_labelled(j)
+    for name, text in (("e.csv", "prompt,label\n\n"), ("e.jsonl", "\n\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=rf"{name}: no prompts"):
+            load_labelled(tmp_path / name)
+
+
+def test_category_names_and_index():
+    d = LabelledPrompts(["p"] * 5, np.ones(5, bool), ["x", None, "y", "x", "z"], [""] * 5)
+    assert d.category_names(["z", "w"]) == ["z", "w", "x", "y"]
+    np.testing.assert_array_equal(d.category_index(["z", "w", "x", "y"]), [2, -1, 3, 2, 0])
+
+
+def test_coconot_folder_split_on_a_synthetic_folder(tmp_path):
+    # sha256("61r5fgv")[:8] = 88db396d -> % 10 = 1 (test); "bajp42a" -> df884433 -> % 10 = 3 (train, the edge)
+    orig, contrast = tmp_path / "coconot_eval.jsonl", tmp_path / "coconot_contrast_eval.jsonl"
+    orig.write_text(json.dumps({"id": "bajp42a", "prompt": "o1", "category": "Humanizing requests"}) + "\n"
+                    + json.dumps({"id": "61r5fgv", "prompt": "o2", "category": "unknowns"}) + "\n")
+    contrast.write_text(json.dumps({"id": "bajp42a", "prompt": "c1", "category": "Incomplete requests"}) + "\n")
+    d = load_labelled(tmp_path)
+    assert d.prompts == ["o2", "c1"] and d.should_refuse.tolist() == [True, False]
+    assert d.categories == ["Indeterminate requests", "Incomplete requests"]
+    assert d.sources == [f"{orig}:2", f"{contrast}:1"]
+    contrast.write_text(json.dumps({"id": "bajp42a", "prompt": "c1"}) + "\n")
+    with pytest.raises(ValueError, match=r"coconot_contrast_eval\.jsonl:1: field 'category' must be a string"):
+        load_labelled(tmp_path)
+    contrast.unlink()
+    with pytest.raises(FileNotFoundError, match="missing coconot_contrast_eval.jsonl"):
+        load_labelled(tmp_path)
+
+
 def test_even_subset_keeps_both_labels_and_spreads():
-    from rtkern.calibrate_data import LabelledPrompts
     d = LabelledPrompts([str(i) for i in range(20)], np.array([True] * 15 + [False] * 5),
                         [f"c{i // 5}" for i in range(20)], [""] * 20)
     s = even_subset(d, 3)
     assert s.prompts == ["0", "7", "14", "15", "17", "19"]
+
+
+def test_even_subset_rounds_to_nearest_and_rejects_bad_limits():
+    d = LabelledPrompts([str(i) for i in range(6)], np.ones(6, bool), [None] * 6, [""] * 6)
+    assert even_subset(d, 4).prompts == ["0", "2", "3", "5"]   # linspace(0, 5, 4) = 0, 1.67, 3.33, 5
+    assert even_subset(d, 9).prompts == d.prompts
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="limit must be a positive int"):
+            even_subset(d, bad)
 
 
 @pytest.mark.skipif(not COCONOT.is_dir(), reason="shared CoCoNot data not present")
@@ -544,7 +693,7 @@ def test_cli_end_to_end(tiny_category, tmp_path, capsys):
                    "--batch-size", "4", "--device", "cpu", "--no-progress", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     from rtkern.loader import load_model
-    _, tok = load_model(tiny_category, device="cpu")
+    model, tok = load_model(tiny_category, device="cpu")
     spec = RefusalSpec.from_tokenizer(tok, "category")
     th = load_thresholds(out / "thresholds.json", spec)
     assert th.mode == "category" and set(th.thresholds) == set(CATEGORIES)
@@ -557,6 +706,10 @@ def test_cli_end_to_end(tiny_category, tmp_path, capsys):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and set(rows[0]["probs"]) == set(CATEGORIES) and 0 < rows[0]["respond"] < 1
+    # every column is the named token's probability (respond last)
+    want = score(model, tok, [r["prompt"] for r in rows], spec, batch_size=4, progress=False)
+    got = torch.tensor([[r["probs"][c] for c in spec.names] + [r["respond"]] for r in rows], dtype=torch.float32)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=3e-5)
     # every category's realised refusal rate (any token firing) reaches the target
     probs = np.array([[r["probs"][c] for c in CATEGORIES] for r in rows])
     refused = decisions(probs, th.tensor(spec).numpy()) >= 0
@@ -581,6 +734,7 @@ def test_cli_single_scheme_sum_mode_and_limit(tmp_path, capsys):
     th = load_thresholds(out / "thresholds.json")
     assert th.mode == "sum" and list(th.thresholds) == ["refuse"]
     assert th.metadata["prompts"] == 10 and th.metadata["at_thresholds"]["fpr"] <= 0.25
+    assert th.metadata["criterion"] == "over-refusal at most 0.25 on should-comply prompts"
     assert "Not applicable in `sum` mode" in (out / "report.md").read_text()
 
 
@@ -608,6 +762,48 @@ def test_cli_errors(tmp_path, capsys):
         cli.main(["calibrate", "--model", "x", "--data", "y", "--out", "z", "--best-f1", "--target-rate", "0.5"])
     assert e.value.code == 2
     assert "argument --target-rate: not allowed with argument --best-f1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--batch-size", "0", "--batch-size must be a positive integer, got 0"),
+    ("--max-length", "0", "--max-length must be a positive integer, got 0"),
+    ("--limit", "-2", "--limit must be a positive integer, got -2"),
+    ("--target-rate", "-0.5", r"--target-rate must be in [0, 1], got -0.5"),
+    ("--max-over-refusal", "1.01", r"--max-over-refusal must be in [0, 1], got 1.01"),
+])
+def test_cli_bad_numbers_fail_before_the_model_loads(tmp_path, capsys, monkeypatch, option, value, message):
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the options were checked")
+    monkeypatch.setattr("rtkern.loader.load_model", no_load)
+    rc = cli.main(["calibrate", "--model", "m", "--data", str(tmp_path / "data.csv"), option, value,
+                   "--out", str(tmp_path / "o")])
+    assert rc == 1 and f"rtkern calibrate: error: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_token_lookup_and_respond_none():
+    from rtkern.calibrate_cli import _explicit_spec, _lookup, _respond_id
+
+    class Tok:
+        vocab = {"a": 0, "[refuse]": 1, "\u0120hello\u0120world": 2, " x": 3, "[respond]": 4}
+
+        def __len__(self):
+            return len(self.vocab)
+
+        def get_vocab(self):
+            return dict(self.vocab)
+
+    tok = Tok()
+    assert [_lookup(tok, s, tok.vocab) for s in ("4", " 0", "[refuse]", "hello world", "x")] == [4, 0, 1, 2, 3]
+    for bad in ("5", "-1"):
+        with pytest.raises(ValueError, match=f"token id {bad} is out of range for a vocabulary of 5"):
+            _lookup(tok, bad, tok.vocab)
+    with pytest.raises(ValueError, match="'y' is not in the vocabulary"):
+        _lookup(tok, "y", tok.vocab)
+    assert _respond_id(tok, None) is None and _respond_id(tok, " None ") is None and _respond_id(tok, "4") == 4
+    spec = _explicit_spec(tok, "[refuse], 3", None)
+    assert spec.refusal_ids == (1, 3) and spec.respond_id == 4
+    assert _explicit_spec(tok, "1", "none").respond_id is None
 
 
 def test_cli_unusable_out_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
