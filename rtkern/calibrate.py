@@ -446,7 +446,7 @@ def threshold_for_rate(scores, rate: float) -> float:
     _check_rate(rate, "rate")
     if s.size == 0:
         raise ValueError("no scores to choose a threshold from")
-    k = math.ceil(rate * s.size - 1e-9)  # the epsilon keeps 0.7 * 10 = 7.000000000000001 at 7
+    k = math.ceil(rate * s.size - 1e-9)  # the epsilon keeps 0.07 * 100 = 7.000000000000001 at 7
     return _above(s[0]) if k == 0 else float(s[k - 1])
 
 

@@ -119,7 +119,8 @@ class ModelArgs:
             "head_dim": self.head_dim, "vocab_size": self.vocab_size,
             "intermediate_size": self.intermediate_size, "rms_norm_eps": self.norm_eps,
             # both spellings, so transformers 4.x and 5.x read the same rope
-            "rope_theta": self.rope_theta, "rope_scaling": scaling, "rope_parameters": rope,
+            "rope_theta": self.rope_theta, "rope_scaling": None if scaling is None else dict(scaling),
+            "rope_parameters": rope,  # copies: transformers' LlamaConfig writes into the dicts it is given
             "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
             "attention_bias": False, "mlp_bias": False,

@@ -20,12 +20,12 @@ from tiny import save_tokenizer  # noqa: E402
 ATOL, RTOL = 1e-5, 1e-5
 
 
-def tiny_hf(vocab=320, tie=False, seed=0):
+def tiny_hf(vocab=320, tie=False, seed=0, **config):
     """A tiny Llama whose config fields all matter: non-default rope_theta and rms_norm_eps (a loader
     that drops either is off by far more than ATOL), random norm weights, and weights at std 0.1 so the
     attention is not near-uniform (at the default 0.02 a mis-permuted K moved the logits by only 1e-2)."""
-    return tiny.tiny_hf(vocab, tie, seed, random_norms=True, rope_theta=5000.0, rms_norm_eps=1e-3,
-                        initializer_range=0.1)
+    return tiny.tiny_hf(vocab, tie, seed, random_norms=True, **{"rope_theta": 5000.0, "rms_norm_eps": 1e-3,
+                                                                "initializer_range": 0.1, **config})
 
 
 @pytest.fixture(scope="module")
@@ -192,14 +192,18 @@ def _llama_cpp_permute(w, n_head):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, hf, arch="llama", quant=gguf.GGMLQuantizationType.Q8_0, skip=(), extra=None, no_meta=()):
+def write_gguf(path, hf, arch="llama", quant=gguf.GGMLQuantizationType.Q8_0, skip=(), extra=None, no_meta=(),
+               more=None):
     """A GGUF as llama.cpp's converter lays it out (permuted Q/K, GGUF names), weights quantized.
 
     For rejection tests: ``skip`` leaves out tensors (by GGUF name), ``extra`` adds or replaces tensors
-    (GGUF name -> float32 array, stored unquantized), ``no_meta`` leaves out metadata (GGUFWriter methods).
+    (GGUF name -> float32 array, stored unquantized), ``no_meta`` leaves out metadata (GGUFWriter methods),
+    ``more`` is called with the writer to add metadata.
     """
     c = hf.config
     w = gguf.GGUFWriter(str(path), arch)
+    if more is not None:
+        more(w)
     theta = c.rope_parameters["rope_theta"] if getattr(c, "rope_parameters", None) else c.rope_theta
     for fn, value in [("add_block_count", c.num_hidden_layers), ("add_context_length", 128),
                       ("add_embedding_length", c.hidden_size), ("add_feed_forward_length", c.intermediate_size),
@@ -243,14 +247,25 @@ def write_gguf(path, hf, arch="llama", quant=gguf.GGMLQuantizationType.Q8_0, ski
     w.close()
 
 
-@pytest.mark.parametrize("quant, tie", [("Q8_0", False), ("F16", False), ("BF16", False), ("Q4_0", False),
-                                        ("Q4_1", False), ("Q8_0", True)])
-def test_gguf_matches_dequantized_hf(tmp_path, quant, tie):
+def _key_length(n):
+    def more(w):
+        w.add_key_length(n)
+        w.add_value_length(n)
+    return more
+
+
+@pytest.mark.parametrize("quant, tie, config", [("Q8_0", False, {}), ("F16", False, {}), ("BF16", False, {}),
+                                                ("Q4_0", False, {}), ("Q4_1", False, {}), ("Q8_0", True, {}),
+                                                ("Q8_0", False, {"head_dim": 32})])
+def test_gguf_matches_dequantized_hf(tmp_path, quant, tie, config):
+    # head_dim 32 != 64 / 4 heads: the GGUF says so in attention.key_length, the un-permute works per head
     qtype = gguf.GGMLQuantizationType[quant]
-    hf = tiny_hf(vocab=96, tie=tie)
+    hf = tiny_hf(vocab=96, tie=tie, **config)
     path = tmp_path / "tiny.gguf"
-    write_gguf(path, hf, quant=qtype, skip={"output.weight"} if tie else ())
+    write_gguf(path, hf, quant=qtype, skip={"output.weight"} if tie else (),
+               more=_key_length(config["head_dim"]) if config else None)
     args, sd, meta = load_gguf_state_dict(path)
+    assert args.head_dim == config.get("head_dim", 16)
     assert args.tie_word_embeddings == tie and args.n_kv_heads == 2 and meta["general.architecture"] == "llama"
     assert (args.rope_theta, args.norm_eps) == (5000.0, pytest.approx(1e-3))  # read, not defaulted
     # Reference: the same HF model with each matrix passed through the same quantization round trip
@@ -409,3 +424,216 @@ def test_sentencepiece_tokenizer_control_tokens(tmp_path):
     chat = tok.apply_chat_template([{"role": "user", "content": "hello [respond]"}])
     assert chat[0] == 1 and chat[-1] == 2 and not set(chat) & set(ids)
     assert tok.decode([ids[0]] + enc) == "[refuse]please [refuse] this"
+    assert tok.decode([ids[0]] + enc, skip_special_tokens=True) == "please [refuse] this"
+
+
+# -- more loader paths ---------------------------------------------------------------------------------
+def _gguf_vocab(d):
+    """GGUF tokenizer metadata (as llama.cpp's converter writes a gpt2-style BPE) for ``save_tokenizer(d)``."""
+    fast = save_tokenizer(d)
+    tj = json.loads((d / "tokenizer.json").read_text())
+    added = {t["content"]: t["id"] for t in tj["added_tokens"]}
+    tokens = [None] * len(fast)
+    for s, i in {**tj["model"]["vocab"], **added}.items():
+        tokens[i] = s
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+
+    def more(w):
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_types([gguf.TokenType.CONTROL if s in added else gguf.TokenType.NORMAL for s in tokens])
+        w.add_token_merges(merges)
+        w.add_bos_token_id(added["<|im_start|>"])
+        w.add_eos_token_id(added["<|im_end|>"])
+        w.add_chat_template(tiny.CHAT)
+    return fast, more
+
+
+def test_gguf_with_vocabulary_loads_from_its_directory(tmp_path):
+    # a folder holding one .gguf (and no config.json) is that file; the tokenizer comes from the GGUF
+    fast, more = _gguf_vocab(tmp_path / "hf_tokenizer")
+    d = tmp_path / "gguf_dir"
+    d.mkdir()
+    write_gguf(d / "tiny.gguf", tiny_hf(), more=more)
+    model, tok = load_model(d, device="cpu")
+    assert (model.args.bos_token_id, model.args.eos_token_id) == (2, 1)
+    assert tok.bos_id == 2 and tok.eos_ids == [0, 1]  # <|im_end|> (the GGUF's eos) and <|endoftext|>
+    text = "hello world <|im_start|> please respond"
+    assert tok.encode(text) == fast.encode(text, add_special_tokens=False)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(msgs) == fast.apply_chat_template(msgs, add_generation_prompt=True)["input_ids"]
+
+
+def test_gguf_optional_metadata_defaults(tmp_path):
+    # llama.cpp's defaults: as many kv heads as heads, head_dim = dim / heads, rope base 10000; the vocabulary
+    # from the embedding; context_length read when there
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, tiny_hf(vocab=96, num_key_value_heads=4),
+               no_meta={"add_head_count_kv", "add_vocab_size", "add_rope_freq_base"})
+    args, _, _ = load_gguf_state_dict(path)
+    assert (args.n_heads, args.n_kv_heads, args.head_dim, args.vocab_size) == (4, 4, 16, 96)
+    assert (args.rope_theta, args.max_position_embeddings) == (10000.0, 128)
+
+
+def test_gguf_rope_metadata(tmp_path):
+    hf = tiny_hf(vocab=96)
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, hf, more=lambda w: w.add_rope_dimension_count(8))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: partial rotary embeddings (rope.dimension_count=8, "
+                                                   "head_dim=16) are not supported")):
+        load_gguf_state_dict(path)
+    write_gguf(path, hf, more=lambda w: w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: unsupported rope scaling type 'linear'")):
+        load_gguf_state_dict(path)
+    # llama3 scaling as llama.cpp stores it: per-frequency divisors in rope_freqs.weight
+    factors = [1.0, 1.0, 1.5, 2.0, 4.0, 8.0, 8.0, 8.0]
+    write_gguf(path, hf, extra={"rope_freqs.weight": np.array(factors)},
+               more=lambda w: w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR))
+    args, sd, _ = load_gguf_state_dict(path)
+    assert args.rope_freq_factors == tuple(factors) and "rope_freqs.weight" not in sd
+
+
+def test_tied_checkpoint_that_also_stores_lm_head(tmp_path):
+    tiny_hf(tie=True).save_pretrained(tmp_path)
+    save_tokenizer(tmp_path)
+    _resave(tmp_path, lambda sd: sd.__setitem__("lm_head.weight", sd["model.embed_tokens.weight"].clone()))
+    model, _ = load_model(tmp_path, device="cpu")
+    assert model.lm_head.weight is model.embed_tokens.weight
+
+
+def test_load_model_rejects_non_float_dtype(tmp_path):
+    with pytest.raises(ValueError, match=re.escape("unsupported dtype torch.int8")):
+        load_model(tmp_path, device="cpu", dtype=torch.int8)
+
+
+def test_single_file_wins_over_a_stale_index(saved):
+    # as in transformers: model.safetensors is read when both are there (an index left from a sharded save)
+    (saved / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}))
+    args, sd = load_hf_state_dict(saved)
+    assert "norm.weight" in sd and args.n_layers == 2
+
+
+@pytest.mark.parametrize("scheme", ["category", None])
+def test_rtkern_json_registers_control_tokens_and_scheme(saved, scheme):
+    meta = {"refusal_tokens": ["[refuse]", "[harm]"], "respond_token": "[respond]"}
+    (saved / "rtkern.json").write_text(json.dumps({**meta, **({"scheme": scheme} if scheme else {})}))
+    _, tok = load_model(saved, device="cpu")
+    assert tok.scheme == scheme
+    ids = [tok.token_to_id(s) for s in ("[refuse]", "[harm]", "[respond]")]
+    assert None not in ids and tok.control_ids == sorted(ids)
+    assert not set(tok.encode("[refuse] [harm] [respond]")) & set(ids)
+
+
+def test_missing_tensor_error_counts_the_others(ckpt):
+    _, hf = ckpt
+    args, sd = load_hf_state_dict(ckpt[0])
+    one = {k: v for k, v in sd.items() if k != "norm.weight"}
+    with pytest.raises(ValueError, match=re.escape("ckpt: missing tensor 'norm.weight'") + "$"):
+        build_model(args, one, device="cpu", dtype=torch.float32, source="ckpt")
+    three = {k: v for k, v in one.items() if not k.startswith("layers.1.mlp.") or k.endswith("gate_proj.weight")}
+    with pytest.raises(ValueError, match=re.escape("missing tensor 'layers.1.mlp.up_proj.weight' (+2 more)") + "$"):
+        build_model(args, three, device="cpu", dtype=torch.float32, source="ckpt")
+
+
+# -- tokenizer ---------------------------------------------------------------------------------------------
+def test_eos_ids_collect_given_configured_and_end_of_turn_specials(tmp_path):
+    from rtkern.tokenizer import Tokenizer
+    fast = save_tokenizer(tmp_path, control=("<stop>",))
+    fast.eos_token = "<stop>"  # an eos that is no end-of-turn spelling
+    fast.add_tokens(["<|eot_id|>"])  # an end-of-turn spelling that is an ordinary (text) token here
+    v = fast.get_vocab()
+    tok = Tokenizer(fast, eos_ids=[7, None])
+    assert tok.eos_ids == sorted({7, v["<stop>"], v["<|endoftext|>"], v["<|im_end|>"]})
+    assert v["<|eot_id|>"] not in tok.eos_ids
+
+
+def test_encode_add_bos(ckpt):
+    from rtkern.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(ckpt[0])
+    bos = tok.token_to_id("<|im_start|>")
+    assert tok.bos_id == bos
+    plain = tok.encode("hello world")
+    assert bos not in plain and tok.encode("hello world", add_bos=True) == [bos] + plain
+    templated = tok.encode("<|im_start|>user")
+    assert templated[0] == bos and tok.encode("<|im_start|>user", add_bos=True) == templated  # never twice
+
+
+def test_hf_chat_template_override_and_generation_prompt(ckpt):
+    from rtkern.tokenizer import Tokenizer
+    msgs = [{"role": "user", "content": "hi"}]
+    tok = Tokenizer.from_dir(ckpt[0])
+    assert tok.render_chat(msgs, add_generation_prompt=False) == "<|im_start|>user\nhi<|im_end|>\n"
+    assert tok.render_chat(msgs) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    other = Tokenizer.from_dir(ckpt[0], chat_template="{% for m in messages %}{{ m['content'] }}|{% endfor %}")
+    assert other.render_chat(msgs) == "hi|"
+
+
+def test_protect_makes_special_ids_control_tokens_only(ckpt):
+    from rtkern.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(ckpt[0])
+    end, word = tok.token_to_id("<|im_end|>"), tok.token_to_id("hello")
+    assert word is not None and tok.encode("<|im_end|>") == [end]
+    tok.protect([end, word])
+    assert tok.control_ids == [end]  # the ordinary word stays producible from text
+    assert end not in tok.encode("x<|im_end|>") and word in tok.encode("hello")
+
+
+def test_control_tokens_accumulate_and_must_not_be_ordinary_words(ckpt):
+    from rtkern.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(ckpt[0])
+    with pytest.raises(ValueError, match="control token 'hello' is an ordinary vocabulary entry"):
+        tok.add_control_tokens(["hello"])
+    a, = tok.add_control_tokens(["[refuse]"])
+    b, = tok.add_control_tokens(["[respond]"])
+    assert tok.control_ids == sorted([a, b])
+    assert not {a, b} & set(tok.encode("[refuse][respond]"))
+
+
+def test_find_eos_ids_reads_config_and_generation_config(tmp_path):
+    from rtkern.tokenizer import find_eos_ids
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 1}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 7]}))
+    assert set(find_eos_ids(tmp_path)) == {1, 7}
+    (tmp_path / "generation_config.json").write_text("{")
+    assert find_eos_ids(tmp_path) == [1]
+
+
+def _sentencepiece(d, vocab_size=30, **kw):
+    spm = pytest.importorskip("sentencepiece")
+    corpus = d / "corpus.txt"
+    corpus.write_text("please refuse this request\nrespond to the user kindly\nhello world\n" * 30)
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(d / "tokenizer"),
+                                   vocab_size=vocab_size, unk_id=0, minloglevel=2, **kw)
+
+
+def test_sentencepiece_without_bos_or_eos(tmp_path):
+    from rtkern.tokenizer import Tokenizer
+    _sentencepiece(tmp_path, vocab_size=28, bos_id=-1, eos_id=-1)
+    tok = Tokenizer.from_dir(tmp_path)
+    assert tok.bos_id is None and tok.eos_ids == []
+    assert tok.encode("hello world", add_bos=True) == tok.encode("hello world")
+
+
+def test_sentencepiece_chat_template(tmp_path):
+    # chat_template.jinja wins over tokenizer_config.json (as in transformers), rendered with transformers'
+    # whitespace rules (trim_blocks, lstrip_blocks)
+    from rtkern.tokenizer import Tokenizer
+    _sentencepiece(tmp_path, bos_id=1, eos_id=2)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "config template"}))
+    (tmp_path / "chat_template.jinja").write_text(
+        "{{ bos_token }}\n"
+        "{% for m in messages %}\n"
+        "    {% if m['role'] == 'user' %}\n"
+        "[U] {{ m['content'] }}{{ eos_token }}\n"
+        "    {% endif %}\n"
+        "{% endfor %}\n"
+        "{% if add_generation_prompt %}\n"
+        "[A]\n"
+        "{% endif %}\n")
+    tok = Tokenizer.from_dir(tmp_path)
+    msgs = [{"role": "user", "content": "hello"}]
+    assert tok.render_chat(msgs) == "<s>\n[U] hello</s>\n[A]\n"
+    assert tok.render_chat(msgs, add_generation_prompt=False) == "<s>\n[U] hello</s>\n"
+    assert Tokenizer.from_dir(tmp_path, chat_template="x").chat_template == "x"

@@ -1,4 +1,5 @@
 """rtkern.model against transformers' LlamaForCausalLM on tiny random configs (CPU, fp32)."""
+import copy
 import dataclasses
 
 import pytest
@@ -29,7 +30,7 @@ def hf_model(name, seed=0, vocab=101):
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=96, vocab_size=vocab,
                                    max_position_embeddings=128, rms_norm_eps=1e-5, initializer_range=0.1,
-                                   **CONFIGS[name])
+                                   **copy.deepcopy(CONFIGS[name]))  # LlamaConfig writes into rope dicts
     return randomize_norms_(transformers.LlamaForCausalLM(cfg).eval())
 
 
@@ -233,3 +234,98 @@ def test_from_name():
     assert (b.dim, b.n_kv_heads, b.vocab_size, b.head_dim) == (4096, 8, 128256, 128)
     with pytest.raises(ValueError, match="unknown model name"):
         ModelArgs.from_name("gpt-5")
+
+
+def test_from_hf_config_defaults_are_transformers_defaults():
+    # a config.json may leave out any optional field: each absent one means what LlamaConfig means by it
+    minimal = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=101,
+                   intermediate_size=96)
+    ours = ModelArgs.from_hf_config(minimal)
+    full = transformers.LlamaConfig(**minimal).to_dict()
+    assert ours == dataclasses.replace(ModelArgs.from_hf_config(full), bos_token_id=None, eos_token_id=None)
+    assert (ours.norm_eps, ours.rope_theta, ours.max_position_embeddings) == (1e-6, 10000.0, 2048)
+    assert (ours.n_kv_heads, ours.head_dim, ours.tie_word_embeddings, ours.rope_scaling) == (4, 16, False, None)
+
+
+@pytest.mark.parametrize("rope_scaling", [None, LLAMA3_ROPE], ids=["default-rope", "llama3-rope"])
+def test_hf_config_round_trip(rope_scaling):
+    # every field away from its default, head_dim != dim / n_heads, an eos list
+    args = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=101, intermediate_size=96,
+                     norm_eps=1e-4, rope_theta=12345.0, rope_scaling=rope_scaling, tie_word_embeddings=True,
+                     max_position_embeddings=333, head_dim=32, bos_token_id=5, eos_token_id=[6, 7])
+    before = copy.deepcopy(args)
+    cfg = args.to_hf_config()
+    assert ModelArgs.from_hf_config(cfg) == args
+    hf_cfg = transformers.LlamaConfig(**cfg).to_dict()  # as transformers re-saves it
+    assert args == before  # LlamaConfig writes rope_theta into the rope dicts it gets: those must be copies
+    assert ModelArgs.from_hf_config(hf_cfg) == args
+    # both rope spellings say the same theta (transformers 4.x reads rope_theta, 5.x rope_parameters)
+    assert cfg["rope_theta"] == cfg["rope_parameters"]["rope_theta"] == 12345.0
+
+
+def test_head_dim_other_than_dim_over_heads_matches_hf(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   head_dim=32, intermediate_size=96, vocab_size=101, initializer_range=0.1)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    args, sd = load_hf_state_dict(tmp_path)
+    assert args.head_dim == 32
+    ours = build_model(args, sd, device="cpu", dtype=torch.float32)
+    tokens = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=ATOL, rtol=RTOL)
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    return Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=50,
+                                 intermediate_size=48)).eval()
+
+
+def test_logits_index_picks_one_position_per_row():
+    m = _tiny_model()
+    tokens = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(6))
+    idx = torch.tensor([6, 2, 4])
+    with torch.no_grad():
+        full = m(tokens)
+        want = full[torch.arange(3), idx]
+        torch.testing.assert_close(m(tokens, logits_index=idx), want, atol=0, rtol=0)
+        m.setup_cache(3, 16)
+        try:  # a cached prefill
+            torch.testing.assert_close(m(tokens, torch.arange(7), logits_index=idx), want, atol=1e-6, rtol=1e-6)
+        finally:
+            m.remove_cache()
+
+
+def test_cache_max_batch_enforced_and_remove_cache_restores_plain_forward():
+    m = _tiny_model()
+    tokens = torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        plain = m(tokens)
+        m.setup_cache(2, 16)
+        assert (m.max_batch, m.max_seq) == (2, 16)
+        with pytest.raises(ValueError, match="batch 3 exceeds the cache's max_batch 2"):
+            m(tokens)
+        torch.testing.assert_close(m(tokens[:2], torch.arange(5)), plain[:2], atol=1e-6, rtol=1e-6)
+        m.remove_cache()
+        assert (m.max_batch, m.max_seq) == (0, 0)
+        assert all(layer.self_attn.kv_cache is None for layer in m.layers)
+        # positions without a cache (training with explicit input_pos) is plain causal attention again
+        torch.testing.assert_close(m(tokens, torch.arange(5)), plain, atol=0, rtol=0)
+
+
+def test_hf_to_rtkern_drops_rotary_buffers():
+    # older transformers saved rotary_emb.inv_freq in checkpoints; it is derived, not loaded
+    sd = {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8), "model.norm.weight": torch.ones(4),
+          "lm_head.weight": torch.ones(2, 4)}
+    assert list(hf_to_rtkern_state_dict(sd)) == ["norm.weight", "lm_head.weight"]
+
+
+def test_rope_freq_factors_must_cover_half_the_head():
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=20, intermediate_size=32)
+    with pytest.raises(ValueError, match="rope_freq_factors has 3 entries, expected 8"):
+        rope_inv_freq(dataclasses.replace(args, rope_freq_factors=(1.0,) * 3))
+    factors = tuple(float(i + 1) for i in range(8))
+    torch.testing.assert_close(rope_inv_freq(dataclasses.replace(args, rope_freq_factors=factors)),
+                               rope_inv_freq(args) / torch.tensor(factors), atol=0, rtol=1e-6)
