@@ -255,12 +255,12 @@ def test_hf_config_round_trip(rope_scaling):
                      max_position_embeddings=333, head_dim=32, bos_token_id=5, eos_token_id=[6, 7])
     before = copy.deepcopy(args)
     cfg = args.to_hf_config()
+    # both rope spellings say the same theta (transformers 4.x reads rope_theta, 5.x rope_parameters)
+    assert cfg["rope_theta"] == cfg["rope_parameters"]["rope_theta"] == 12345.0
     assert ModelArgs.from_hf_config(cfg) == args
     hf_cfg = transformers.LlamaConfig(**cfg).to_dict()  # as transformers re-saves it
     assert args == before  # LlamaConfig writes rope_theta into the rope dicts it gets: those must be copies
     assert ModelArgs.from_hf_config(hf_cfg) == args
-    # both rope spellings say the same theta (transformers 4.x reads rope_theta, 5.x rope_parameters)
-    assert cfg["rope_theta"] == cfg["rope_parameters"]["rope_theta"] == 12345.0
 
 
 def test_head_dim_other_than_dim_over_heads_matches_hf(tmp_path):
