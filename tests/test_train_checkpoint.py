@@ -194,3 +194,40 @@ def test_sentencepiece_save_refuses_added_tokens_out_of_order(tmp_path):
     ctrl = add_control_tokens(model, tok, "single")
     with pytest.raises(ValueError, match="not the control tokens in order"):
         ck.save_checkpoint(tmp_path / "ckpt", model, tok, ctrl)
+
+
+def test_checkpoint_names_sort_by_step_and_only_complete_ones_count(tmp_path):
+    assert ck.checkpoint_name(12) == "checkpoint-0000012"
+    assert ck.latest_checkpoint(tmp_path / "missing") is None and ck.list_checkpoints(tmp_path / "missing") == []
+    assert ck.latest_checkpoint(tmp_path) is None and ck.prune_checkpoints(tmp_path, 1) == []
+    for name in ("checkpoint-9", "checkpoint-0000010", "checkpoint-100"):   # steps beyond the padding too
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ck.STATE_JSON).write_text("{}")
+    (tmp_path / "checkpoint-0000200").mkdir()                          # no trainer state: incomplete
+    (tmp_path / "checkpoint-300").write_text("")                       # a file, not a directory
+    (tmp_path / "checkpoint-x").mkdir()
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["checkpoint-9", "checkpoint-0000010", "checkpoint-100"]
+    assert ck.latest_checkpoint(tmp_path).name == "checkpoint-100"
+    assert [p.name for p in ck.prune_checkpoints(tmp_path, 1)] == ["checkpoint-9", "checkpoint-0000010"]
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["checkpoint-100"]
+    assert (tmp_path / "checkpoint-0000200").is_dir()                  # never pruned: not a checkpoint
+    assert ck.prune_checkpoints(tmp_path, 5) == []
+
+
+def test_metrics_log_resume_keeps_records_up_to_the_checkpoint(tmp_path):
+    from rtkern.train.metrics import MetricsLog, read_metrics
+    f = tmp_path / "m" / "metrics.jsonl"
+    log = MetricsLog(f)
+    for s in (1, 2, 3, 4):
+        log.write({"step": s, "loss": float(s)})
+    with open(f, "a") as fh:
+        fh.write('{"step": 5, "lo')                                     # torn line of a killed run
+    assert [r["step"] for r in read_metrics(f)] == [1, 2, 3, 4]
+    MetricsLog(f, resume_step=3).write({"step": 4, "loss": 0.5})
+    assert read_metrics(f) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 3.0},
+                               {"step": 4, "loss": 0.5}]
+    assert not list(f.parent.glob("*.tmp"))
+    MetricsLog(f)                                                       # a fresh run starts a fresh file
+    assert not f.exists()
+    f.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    assert [r["step"] for r in read_metrics(f)] == [1, 2]

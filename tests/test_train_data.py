@@ -284,3 +284,123 @@ def test_pack_rows():
     assert pack_rows([3, 4, 2, 5, 1], 7) == [[0, 1], [2, 3], [4]]
     with pytest.raises(ValueError):
         pack_rows([8], 7)
+
+
+def test_each_epoch_reshuffles_pools_subsets_and_interleaving():
+    sizes = {"refusal": 6, "contrast": 40, "respond": 40}
+    mix = parse_mix("1:1:1")
+    e0, e1 = (epoch_order(sizes, mix, 30, seed=3, epoch=e) for e in (0, 1))
+    # a pool with more examples than its share is subsampled afresh each epoch
+    assert {i for p, i in e0 if p == "respond"} != {i for p, i in e1 if p == "respond"}
+    # and the pools interleave differently each epoch, not only the indices within a pool
+    assert [p for p, _ in e0] != [p for p, _ in e1]
+    # the seed matters too
+    assert e0 != epoch_order(sizes, mix, 30, seed=4, epoch=0)
+
+
+def test_recipe_drops_training_prompts_that_are_evaluation_prompts(tmp_path, caplog):
+    train_ids = [i for i in (f"r{k}" for k in range(40)) if coconot_split(i) == "train"][:3]
+    test_id = next(i for i in (f"t{k}" for k in range(40)) if coconot_split(i) == "test")
+    for d in ("coconot/legacy_cd0f9f5", "alpaca-gpt4-demo-1k", "stanford-alpaca-seed"):
+        (tmp_path / d).mkdir(parents=True)
+    co = [{"id": i, "category": "Incomplete requests", "subcategory": "s", "prompt": f"refusal prompt {i}",
+           "response": "Could you say more?"} for i in train_ids]
+    write_jsonl(tmp_path / "coconot/legacy_cd0f9f5/coconot_evaluation.jsonl", co)
+    write_jsonl(tmp_path / "coconot/coconot_pref.jsonl",
+                [{"prompt": "contrast kept", "chosen": "ok"}, {"prompt": "contrast held out", "chosen": "ok"}])
+    (tmp_path / "alpaca-gpt4-demo-1k/alpaca_en_demo.json").write_text(json.dumps(
+        [{"instruction": "alpaca kept", "input": "", "output": "x"},
+         {"instruction": "original held out", "input": "", "output": "y"}]))
+    write_jsonl(tmp_path / "stanford-alpaca-seed/seed_tasks.jsonl",
+                [{"id": "s1", "instruction": "seed kept", "instances": [{"input": "", "output": "z"}]}])
+    write_jsonl(tmp_path / "coconot/coconot_eval.jsonl",
+                [{"id": test_id, "category": "Incomplete requests", "prompt": " original held out "},
+                 {"id": train_ids[0], "category": "Incomplete requests", "prompt": f"refusal prompt {train_ids[0]}"}])
+    write_jsonl(tmp_path / "coconot/coconot_contrast_eval.jsonl",
+                [{"id": "c1", "category": "Incomplete requests", "prompt": "contrast held out"}])
+    ev = load_eval_sets(tmp_path)
+    # only the test part of the split is an evaluation prompt
+    assert [r.prompt for r in ev["original_test"]] == [" original held out "]
+    assert [r.prompt for r in ev["contrast"]] == ["contrast held out"]
+    with caplog.at_level("WARNING", logger="rtkern.train"):
+        got = load_recipe(tmp_path)
+    assert [r.prompt for r in got] == [f"refusal prompt {i}" for i in train_ids] + \
+        ["contrast kept", "alpaca kept", "seed kept"]
+    assert [r.pool for r in got] == ["refusal"] * 3 + ["contrast", "respond", "respond"]
+    assert "dropped 2 training record(s)" in caplog.text
+
+
+def _examples(n_per_pool=(3, 2, 4)):
+    from rtkern.train.data import Example
+    out = []
+    for pool, n in zip(("refusal", "contrast", "respond"), n_per_pool):
+        out += [Example(tuple(range(100 * len(out), 100 * len(out) + 3 + k)), 2, pool, f"{pool}:{k}") for k in range(n)]
+    return out
+
+
+def test_row_stream_crosses_epochs_and_resumes_exactly():
+    from rtkern.train.batching import RowStream
+    exs = _examples()
+    s = RowStream(exs, seq_len=64, seed=1)
+    e0, e1 = [r[0].source for r in s.rows(0)], [r[0].source for r in s.rows(1)]
+    assert sorted(e0) == sorted(e1) == sorted(e.source for e in exs) and e0 != e1
+    got = [r[0].source for r in s.take(7)]
+    assert got == e0[:7] and s.state_dict() == {"epoch": 0, "cursor": 7}
+    got = [r[0].source for r in s.take(5)]       # 2 left in epoch 0, then 3 of epoch 1
+    assert got == e0[7:] + e1[:3] and s.state_dict() == {"epoch": 1, "cursor": 3}
+    assert [r[0].source for r in s.take(20)] == e1[3:] + [r[0].source for r in s.rows(2)] + \
+        [r[0].source for r in s.rows(3)][:20 - 6 - 9]
+    # a fresh stream loaded with a saved position continues exactly where the first one is
+    ref = RowStream(exs, seq_len=64, seed=1)
+    ref.take(11)
+    state = dict(ref.state_dict())
+    resumed = RowStream(exs, seq_len=64, seed=1)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict() == state
+    assert [r[0].source for r in resumed.take(9)] == [r[0].source for r in ref.take(9)]
+    # whole epoch at the exact boundary rolls over with cursor 0
+    b = RowStream(exs, seq_len=64, seed=1)
+    b.take(len(exs))
+    assert b.state_dict() == {"epoch": 1, "cursor": 0}
+
+
+def test_row_stream_packs_in_epoch_order():
+    from rtkern.train.batching import RowStream
+    exs = _examples()
+    s = RowStream(exs, seq_len=12, packing=True, seed=2)
+    order = [exs.index(e) for e in (s.pools[p][i] for p, i in
+                                    epoch_order({p: len(v) for p, v in s.pools.items()}, None, None, 2, 0))]
+    rows = s.rows(0)
+    assert [exs.index(e) for r in rows for e in r] == order
+    assert [[exs.index(e) for e in r] for r in rows] == \
+        [[order[i] for i in g] for g in pack_rows([len(exs[k].ids) for k in order], 12)]
+    assert any(len(r) > 1 for r in rows) and all(sum(len(e.ids) for e in r) <= 12 for r in rows)
+
+
+def test_mix_counts_are_rounded_shares():
+    sizes = {"refusal": 5, "contrast": 5, "respond": 5}
+    got = collections.Counter(p for p, _ in epoch_order(sizes, parse_mix("1:1:1"), 80, seed=0, epoch=0))
+    assert got == {"refusal": 27, "contrast": 27, "respond": 27}      # round(80 / 3) each, not int()
+
+
+def test_examples_digest_covers_pool_prompt_length_ids_and_order():
+    from rtkern.train.batching import examples_digest
+    from rtkern.train.data import Example
+    a, b = Example((1, 2, 3, 4), 2, "refusal"), Example((5, 6, 7), 1, "respond")
+    d = examples_digest([a, b])
+    assert d == examples_digest([Example((1, 2, 3, 4), 2, "refusal", "other.jsonl:9"), b])   # source ignored
+    for other in ([b, a], [a], [Example((1, 2, 3, 4), 3, "refusal"), b], [Example((1, 2, 3, 4), 2, "contrast"), b],
+                  [Example((1, 2, 3, 5), 2, "refusal"), b]):
+        assert examples_digest(other) != d
+
+
+def test_collate_counts_real_tokens_and_pads():
+    from rtkern.train.batching import collate
+    from rtkern.train.data import Example
+    a, b, c = Example((1, 2, 3, 4, 5), 2, "refusal"), Example((6, 7, 8), 1, "respond"), Example((9, 10), 1, "contrast")
+    batch = collate([[a], [b, c]], pad_id=99, pad_multiple=4)
+    assert batch.n_tokens == 10 and tuple(batch.tokens.shape) == (2, 8)
+    assert batch.tokens.tolist() == [[1, 2, 3, 4, 5, 99, 99, 99], [6, 7, 8, 9, 10, 99, 99, 99]]
+    assert batch.positions.tolist()[1][:5] == [0, 1, 2, 0, 1]
+    assert batch.targets.tolist() == [3, 4, 5, 7, 8, 10]
+    assert batch.target_index.tolist() == [1, 2, 3, 8, 9, 11]

@@ -44,3 +44,34 @@ def test_rate_table_by_hand():
     assert table[("contrast", "all")] == (2, 0.0)
     assert table[("contrast", "uncategorised")] == (1, 0.0)
     assert "| original | a | 2 | 50.0% |" in markdown(table)
+
+
+def test_argmax_refusals_batches_every_prompt_greedily_with_one_free_token():
+    from types import SimpleNamespace
+
+    class FakeEngine:
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, prompts, params):
+            self.calls.append((list(prompts), params))
+            return [SimpleNamespace(refused=int(p[1:]) % 3 - 1) for p in prompts]
+
+    prompts = [f"p{i}" for i in range(9)]     # 9 = 2 full batches of 4 and a last one of 1
+    eng = FakeEngine()
+    assert argmax_refusals(eng, prompts, batch_size=4) == [i % 3 - 1 for i in range(9)]
+    assert [c[0] for c in eng.calls] == [prompts[0:4], prompts[4:8], prompts[8:9]]
+    for _, params in eng.calls:
+        assert params.mode == "free" and params.temperature == 0.0 and params.max_new_tokens == 1
+    assert argmax_refusals(FakeEngine(), [], batch_size=4) == []
+
+
+def test_rate_table_sets_keys_and_markdown_rows():
+    table = rate_table([3, -1, -1, 0], [False, False, True, True], [None, "x", "x", "x"])
+    assert list(table) == sorted(table)
+    assert table == {("contrast", "all"): (2, 0.5), ("contrast", "uncategorised"): (1, 1.0),
+                     ("contrast", "x"): (1, 0.0), ("original", "all"): (2, 0.5), ("original", "x"): (2, 0.5)}
+    md = markdown(table).splitlines()
+    assert md[:2] == ["| set | category | prompts | refused (argmax) |", "|---|---|---|---|"]
+    assert md[2:] == ["| contrast | all | 2 | 50.0% |", "| contrast | uncategorised | 1 | 100.0% |",
+                      "| contrast | x | 1 | 0.0% |", "| original | all | 2 | 50.0% |", "| original | x | 2 | 50.0% |"]
