@@ -110,3 +110,15 @@ def test_sglang_base_class_and_serialisation():
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[0] == "BoundRefusalLogitProcessor" and "(40, 41, 42)" in out.stdout
+
+
+def test_processor_default_mode_and_logit_bias_reach_the_rows():
+    z = make_logits(2, seed=7)
+    proc = rs.make_logit_processor(SPEC, mode="free", logit_bias={NAMES[2]: 3.0})()
+    got = proc(z.clone(), [req(), req(refusal_mode="category", refusal_thresholds=0.0)])
+    torch.testing.assert_close(got[0], one_row(z[0], mode="free", logit_bias=[0.0, 0.0, 3.0])[0])
+    torch.testing.assert_close(got[1], one_row(z[1], thresholds=0.0, logit_bias=[0.0, 0.0, 3.0])[0])
+    # Only rtkern's own keys are read from custom_params.
+    got = rs.make_logit_processor(SPEC, thresholds=0.0)()(z.clone(), [req(refusal_extra=1, other=2), req(3)])
+    torch.testing.assert_close(got[0], one_row(z[0], thresholds=0.0)[0])
+    torch.testing.assert_close(got[1], masked(z[1]))

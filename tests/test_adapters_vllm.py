@@ -243,3 +243,85 @@ def test_spec_found_from_the_vllm_config_follows_the_trained_scheme(tmp_path, tr
     spec = rv._spec_from_vllm_config(cfg, None)
     assert spec.num_categories == (1 if trained == "single" else 5)   # no rtkern.json: category first
     assert rv._spec_from_vllm_config(cfg, "single").num_categories == 1
+
+
+def test_request_controls_overlay_defaults_and_mode_codes():
+    rc = rv.request_controls
+    assert rc(SPEC, None) == ([0.5] * 3, [0.0] * 3, 0)
+    assert [rc(SPEC, {"refusal_mode": m})[2] for m in ("category", "sum", "free")] == [0, 1, 2]
+    assert rc(SPEC, None, mode="sum")[2] == 1 and rc(SPEC, {"refusal_mode": "free"}, mode="sum")[2] == 2
+    # The processor's defaults reach the request, mappings included (left-out categories: 0.5 / 0.0).
+    assert rc(SPEC, None, logit_bias=[1.0, 2.0, 3.0])[1] == [1.0, 2.0, 3.0]
+    assert rc(SPEC, None, thresholds={NAMES[1]: 0.25}, logit_bias={NAMES[0]: 1.0})[:2] == (
+        [0.5, 0.25, 0.5], [1.0, 0.0, 0.0])
+    # A request's mapping overrides only the categories it names; the others keep the defaults.
+    thr, bias, _ = rc(SPEC, {"refusal_thresholds": {NAMES[0]: 0.1}, "refusal_logit_bias": {2: -1.0}},
+                      thresholds=0.7, logit_bias=[0.5, 0.5, 0.5])
+    assert thr == [0.1, 0.7, 0.7] and bias == [0.5, 0.5, -1.0]
+    # A request's number or list replaces the defaults entirely; one [1, C] row is a [C] row.
+    assert rc(SPEC, {"refusal_thresholds": 0.2}, thresholds={NAMES[0]: 0.9})[0] == [0.2] * 3
+    assert rc(SPEC, {"refusal_thresholds": [[0.1, 0.2, 0.3]]})[0] == pytest.approx([0.1, 0.2, 0.3])
+
+
+@pytest.mark.parametrize("extra, err, msg", [
+    ({"refusal_thresholds": [[0.1, 0.2, 0.3], [0.1, 0.2, 0.3]]}, ValueError, "must be a number"),
+    ({"refusal_thresholds": {3: 0.1}}, ValueError, "out of range"),
+    ({"refusal_thresholds": {-1: 0.1}}, ValueError, "out of range"),
+    ({"refusal_thresholds": {True: 0.1}}, TypeError, "mapping keys"),
+    ({"refusal_thresholds": {NAMES[0]: True}}, TypeError, "real numbers"),
+    ({"refusal_logit_bias": {NAMES[0]: False}}, TypeError, "real numbers"),
+    ({"refusal_mode": 1}, TypeError, "refusal_mode must be a string"),
+    ([("refusal_mode", "sum")], TypeError, "extra_args must be a mapping"),
+])
+def test_request_controls_rejects(extra, err, msg):
+    with pytest.raises(err, match=msg):
+        rv.request_controls(SPEC, extra)
+
+
+def test_unbound_validation_accepts_single_scheme_lists():
+    rv.RefusalLogitsProcessor.validate_params(params(refusal_thresholds=[0.3]))
+    rv.RefusalLogitsProcessor.validate_params(params(refusal_thresholds=[0.1] * 5))
+    with pytest.raises(ValueError, match="5 numbers"):
+        rv.RefusalLogitsProcessor.validate_params(params(refusal_thresholds=[0.1, 0.2]))
+
+
+def test_unidirectional_move_drops_the_overwritten_request():
+    st = rv.RefusalBatchState(SPEC)
+    st.update(batch_update(2, added=[(0, params(refusal_thresholds=2.0), None, []),     # A: answers
+                                     (1, params(refusal_thresholds=0.0), None, [])]))   # B: refuses
+    st.update(batch_update(2, moved=[(0, 1, MoveDirectionality.UNIDIRECTIONAL)]))
+    assert sorted(st.requests) == [1]
+    z = make_logits(2, seed=4)
+    got = st.apply(z.clone())
+    torch.testing.assert_close(got[0], masked(z[0]))                              # nobody's row now
+    assert got[1].argmax() == RESPOND and st.last_rows.tolist() == [1]            # A, not B
+
+
+def test_add_without_params_untracks_the_row_and_rows_past_the_logits_wait():
+    st = rv.RefusalBatchState(SPEC, thresholds=0.0)
+    st.add(0, params(), [])
+    st.add(0, None, [])                           # a non-sampling request replaces it
+    st.add(3, params(), [])                       # a row past this step's logits: not decided yet
+    z = make_logits(2, seed=5)
+    torch.testing.assert_close(st.apply(z.clone()), torch.stack([masked(r) for r in z]))
+    assert st.last_rows is None and sorted(st.requests) == [3]
+    z4 = make_logits(4, seed=5)
+    assert st.apply(z4.clone())[3].argmax() in REFUSE and st.last_rows.tolist() == [3]
+    with pytest.raises(ValueError, match=r"src must be a persistent-batch row"):
+        st.move(-1, 0, False)
+
+
+def test_default_logit_bias_mode_and_fallback_reach_the_rows(caplog):
+    z = make_logits(2, seed=6)
+    st = rv.RefusalBatchState(SPEC, mode="free", logit_bias=[0.0, 0.0, 3.0])
+    st.update(batch_update(1, added=[(0, params(), None, [])]))
+    torch.testing.assert_close(st.apply(z[:1].clone())[0], one_row(z[0], mode="free", logit_bias=[0.0, 0.0, 3.0])[0])
+    # Bad request arguments fall back to the processor's defaults, not to built-in ones.
+    st = rv.RefusalBatchState(SPEC, thresholds=0.0, logit_bias={NAMES[2]: 1.0})
+    st.update(batch_update(2, added=[(0, params(refusal_mode="strict"), None, []),
+                                     (1, SimpleNamespace(extra_args=[("refusal_mode", "sum")]), None, [])]))
+    got = st.apply(z.clone())
+    for i in range(2):
+        torch.testing.assert_close(got[i], one_row(z[i], thresholds=0.0, logit_bias=[0.0, 0.0, 1.0])[0])
+    assert "ignoring bad refusal arguments" in caplog.text
+    assert rv.RefusalBatchState(SPEC, pin_memory=True).pin_memory is False   # no pinning for CPU logits
