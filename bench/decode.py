@@ -90,7 +90,10 @@ def load_subject(name: str, device, dtype):
         args = ModelArgs.from_name(name[: -len(RANDOM_SUFFIX)])
         with torch.device("meta"):
             model = Transformer(args)
-        model = random_weights_(model.to_empty(device=device).to(dtype))
+        model = model.to_empty(device=device).to(dtype)
+        if args.tie_word_embeddings:  # to_empty gives the shared matrix a copy per module: tie it again
+            model.lm_head.weight = model.embed_tokens.weight
+        model = random_weights_(model)
         v = args.vocab_size
         spec = RefusalSpec(list(range(v - 6, v - 1)), respond_id=v - 1)  # reserved ids at the vocab's end
         return model.eval().requires_grad_(False), None, spec
@@ -244,9 +247,10 @@ def bench_point(model, tok, spec, name: str, dtype: str, batch: int, method: str
         row.warning = "t(new) <= t(1): the decode steps are lost in timing noise"
     step = (tn - t1) / (new - 1)
     nbytes = step_bytes(model, batch, prompt + new // 2)
-    row.ms_per_step, row.tok_s, row.first_token_ms = step * 1e3, batch / step, t1 * 1e3
-    row.gbps, row.floor_ms = nbytes / step / 1e9, nbytes / bandwidth * 1e3
-    row.pct_bw = 100 * row.gbps * 1e9 / bandwidth
+    row.ms_per_step, row.first_token_ms, row.floor_ms = step * 1e3, t1 * 1e3, nbytes / bandwidth * 1e3
+    if step:  # t(new) == t(1) to the tick (flagged above): no rate to report
+        row.tok_s, row.gbps = batch / step, nbytes / step / 1e9
+        row.pct_bw = 100 * row.gbps * 1e9 / bandwidth
     return row
 
 

@@ -101,7 +101,8 @@ def _gemm_op(op: str, args: ModelArgs, B: int, rnd) -> tuple[dict[str, Callable]
     fns = {"torch": lambda: fused_linear_reference(x, w, **kw), "triton": lambda: fused_linear(x, w, **kw),
            "cublas": lambda: torch.nn.functional.linear(x, w)}
     n_written = n_out // 2 if kw.get("swiglu") else n_out
-    return fns, n_in * n_out + B * n_in + B * n_written * (2 if "residual" in kw else 1) + n_in
+    return fns, (n_in * n_out + B * n_in + B * n_written * (2 if "residual" in kw else 1)
+                 + (n_in if "norm_weight" in kw else 0))
 
 
 def make_op(op: str, args: ModelArgs, B: int, dtype, device) -> tuple[dict[str, Callable], int]:
@@ -115,7 +116,7 @@ def make_op(op: str, args: ModelArgs, B: int, dtype, device) -> tuple[dict[str, 
     if op == "add_rmsnorm":
         x, r, w = rnd(B, D), rnd(B, D), rnd(D)
         ref = lambda: add_rmsnorm_reference(x, w, 1e-5, r)  # noqa: E731
-        return {"torch": ref, "triton": lambda: add_rmsnorm(x, w, 1e-5, r)}, 5 * B * D * elt + D * elt
+        return {"torch": ref, "triton": lambda: add_rmsnorm(x, w, 1e-5, r)}, 4 * B * D * elt + D * elt
     if op == "swiglu":
         gu = rnd(B, 2 * I)
         return {"torch": lambda: swiglu_reference(gu), "triton": lambda: swiglu(gu)}, 3 * B * I * elt

@@ -178,3 +178,14 @@ def test_bench_decode_explicit_counts_are_used(monkeypatch):
     assert (got["new"], got["reps"], got["batches"]) == (3, 1, [2])
     assert cli.main(["bench", "decode", "--device", "cpu"]) == 0          # CPU defaults
     assert (got["new"], got["reps"], got["batches"]) == (16, 2, [1, 8])
+
+
+def test_group_without_a_command_prints_its_own_help(capsys):
+    assert cli.main(["bench"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: rtkern bench") and "decode" in err and "sampler" in err
+    assert cli.main([]) == 2 and capsys.readouterr().err.startswith("usage: rtkern ")
+    from rtkern import __version__
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"rtkern {__version__}\n"

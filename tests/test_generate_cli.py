@@ -139,3 +139,100 @@ def test_pairs_and_stop_reach_the_engine(tiny_dir, capsys):
     lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
     assert [x["prompt"] for x in lines] == ["hello", "world"]
     assert all(x["refused"] == -1 for x in lines)   # a threshold above 1 switches the category off
+
+
+def test_defaults_and_more_argument_forms(monkeypatch):
+    a = parse("p")
+    assert (a.mode, a.temperature, a.seed, a.dtype, a.add_control_tokens, a.json) == (None, 0.0, 0, None, None, False)
+    a = parse("--thresholds", "x=y=0.5", "--mode", "free", "--seed", str(-2**63), "p")
+    assert a.thresholds == {"x=y": 0.5} and a.mode == "free"     # the value follows the last '='
+    assert parse("--seed", str(2**63 - 1), "p").seed == 2**63 - 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--thresholds", "nan"], "argument --thresholds: a threshold must be >= 0"),
+    (["--thresholds", "a=nan"], "the threshold of 'a' must be >= 0"),
+    (["--thresholds", "missing/thresholds"], "argument --thresholds: no such file, and not a number"),
+    (["--temperature", "inf"], "argument --temperature: must be finite and >= 0 (0 = greedy)"),
+    (["--seed", str(2**63)], "argument --seed: must fit in int64"),
+    (["--seed", str(-2**63 - 1)], "argument --seed: must fit in int64"),
+    (["--device", "cuda"], "argument --device: 'cuda' requested but CUDA is not available"),
+])
+def test_more_bad_flags_exit_2(no_load, monkeypatch, capsys, flags, message):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", *flags, "hello"])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_parse_thresholds_forms():
+    from rtkern.generate_cli import DEFAULT_THRESHOLD, parse_thresholds
+    from rtkern.spec import RefusalSpec
+    spec = RefusalSpec([5, 6], 7, names=["a", "b"])
+    assert parse_thresholds(None, spec) == DEFAULT_THRESHOLD == 0.5      # the --help text's default
+    assert parse_thresholds(0.3, spec) == 0.3 and parse_thresholds("0.3", spec) == 0.3   # API: strings parse
+    assert parse_thresholds("b=0.2", spec) == {"b": 0.2}
+    with pytest.raises(ValueError, match=r"unknown category \['c'\]; this model's categories: \['a', 'b'\]"):
+        parse_thresholds({"a": 0.1, "c": 0.2}, spec)
+    with pytest.raises(ValueError, match="'c'"):
+        parse_thresholds(Thresholds({"c": 0.2}), spec)
+
+
+# -- what reaches the engine, and the plain-text report (loader and Engine faked: no model) ---------------
+
+class FakeEngine:
+    def __init__(self, model, tok, spec, max_batch):
+        from rtkern.spec import RefusalSpec
+        self.spec, self.max_batch = spec or RefusalSpec([5], 6), max_batch
+
+
+@pytest.fixture
+def fake_engine(monkeypatch):
+    import rtkern.engine
+    import rtkern.loader
+    loaded = {}
+    monkeypatch.setattr(rtkern.loader, "load_model", lambda name, device, dtype: loaded.update(
+        name=name, device=device, dtype=dtype) or (None, None))
+    monkeypatch.setattr(rtkern.engine, "Engine", FakeEngine)
+    return loaded
+
+
+def test_options_reach_the_sampling_params(fake_engine):
+    import torch
+    from rtkern.generate_cli import _setup
+    engine, params = _setup(parse("--model", "M", "--device", "cpu", "--thresholds", "0.2", "--mode", "sum",
+                                  "--temperature", "0.7", "--seed", "-3", "--max-new-tokens", "9", "--stop", "zz",
+                                  "--stop", "yy", "p1", "p2"))
+    assert fake_engine == {"name": "M", "device": torch.device("cpu"), "dtype": torch.float32}  # fp32 on CPU
+    assert engine.max_batch == 2
+    assert (params.thresholds, params.mode, params.temperature, params.seed, params.max_new_tokens,
+            params.stop) == (0.2, "sum", 0.7, -3, 9, ("zz", "yy"))
+    engine, params = _setup(parse("--device", "cpu", "--dtype", "bf16", *["p"] * 40))
+    assert fake_engine["dtype"] == torch.bfloat16 and engine.max_batch == 32     # at most 32 rows at once
+    assert params.thresholds == 0.5 and params.mode == "category"
+    assert (params.temperature, params.seed, params.max_new_tokens, params.stop) == (0.0, 0, 256, ())
+    args = parse("p")
+    args.device = "cuda"             # CUDA's default dtype, without needing a GPU (the loader is faked)
+    engine, _ = _setup(args)
+    assert fake_engine["dtype"] == torch.bfloat16 and engine.max_batch == 1
+
+
+def test_plain_text_report(monkeypatch, capsys):
+    from types import SimpleNamespace as R
+    import rtkern.generate_cli as g
+    results = [R(text="No.", refused=0, category="refuse", refusal_probs={"refuse": 0.75}),
+               R(text="Hi!", refused=-1, category=None, refusal_probs={"refuse": 0.125}),
+               R(text="", refused=-2, category=None, refusal_probs={"refuse": float("nan")})]
+    engine = R(generate=lambda prompts, params: results[:len(prompts)])
+    monkeypatch.setattr(g, "_setup", lambda args: (engine, None))
+    assert cli.main(["generate", "a", "b", "c"]) == 0
+    assert capsys.readouterr().out == (">>> a\n[REFUSED (refuse)] first-token p: refuse=0.7500\nNo.\n\n"
+                                       ">>> b\n[answered] first-token p: refuse=0.1250\nHi!\n\n"
+                                       ">>> c\n[invalid logits] first-token p: refuse=nan\n\n\n")
+    for r in results:
+        r.finish_reason, r.tokens = "stop", [1]
+    assert cli.main(["generate", "--json", "a"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"prompt": "a", "text": "No.", "refused": 0, "category": "refuse",
+                                                   "refusal_probs": {"refuse": 0.75}, "finish_reason": "stop",
+                                                   "tokens": [1]}
