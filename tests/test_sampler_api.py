@@ -781,3 +781,75 @@ def test_default_backend_falls_back_to_torch_beyond_the_kernels_vocabulary():
     assert int(res.tokens) == v - 3
     with pytest.raises(ValueError, match="the Triton sampler supports V < 16777216"):
         refusal_sample(logits, RefusalSpec([0]), RefusalControls.build(1, 1, DEVICE), backend="triton")
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. Layout and boundary cases pinned by hand (found by mutation testing: both backends read the same
+#    packed words and share one decision, so comparing them with each other cannot catch these).
+
+def test_vocab_mask_bit_layout_is_lsb_first():
+    # DESIGN: bit i of word w allows token 32w + i (xgrammar's layout). The kernel and the reference
+    # both read the packed words, so a pack that wrote bits in another order would pass every
+    # kernel-vs-reference comparison: the expected words are written out here.
+    allowed = torch.zeros(3, 40, dtype=torch.bool)
+    allowed[0, [0, 5, 31]] = True
+    allowed[1, [32, 39]] = True           # word 1, bits 0 and 7
+    allowed[2, 31] = True                 # bit 31 alone: the int32 sign bit
+    words = [[1 + 2**5 - 2**31, 0], [0, 1 + 2**7], [-2**31, 0]]
+    packed = pack_vocab_mask(allowed)
+    assert packed.dtype == torch.int32 and packed.tolist() == words
+    assert torch.equal(unpack_vocab_mask(torch.tensor(words, dtype=torch.int32), 40), allowed)
+
+
+def test_default_category_names():
+    # RefusalSpec's documented defaults; calibration reports and the CLI print these names
+    assert RefusalSpec([3]).names == ("refuse",)
+    assert RefusalSpec([3, 9, 4], 5).names == ("category_0", "category_1", "category_2")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sum_mode_refuses_when_the_sum_equals_the_threshold(backend):
+    # Rule 2, sum mode: refuse if sum_c p_c >= thresholds[0]. A threshold equal to a prompt's own
+    # summed score (as calibration sets it) must refuse that prompt; the next float up must not.
+    b = 8
+    logits, spec = probs_case(b, 111, 2, torch.float32, seed=6)
+    scores = refusal_probs(logits, spec, backend=backend)
+    total = scores[:, 0] + scores[:, 1]               # two terms: the same float32 sum in any order
+    other = torch.full_like(total, 9.0)               # sum mode reads column 0 only
+    ctl = RefusalControls.build(b, 2, DEVICE, mode="sum", thresholds=torch.stack([total, other], 1))
+    res = refusal_sample(logits, spec, ctl, backend=backend)
+    assert torch.equal(res.refusal_probs, scores)
+    assert torch.equal(res.refused, scores.argmax(1).int())
+    assert torch.equal(res.tokens, torch.tensor(spec.refusal_ids, device=DEVICE)[scores.argmax(1)])
+    above = torch.nextafter(total, torch.full_like(total, 2.0))
+    ctl.update_(thresholds=torch.stack([above, other], 1))
+    assert (refusal_sample(logits, spec, ctl, backend=backend).refused == -1).all()
+
+
+# (seed, position 0) pairs whose row_uniform draw is exactly 0 and exactly 1 - 2**-24 (found by search)
+U_ZERO_SEED, U_TOP_SEED = 19389801, 49214909
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_uniform_draws_take_the_first_and_last_allowed_tokens(backend):
+    # Inverting the CDF at u = 0 must land on the first token with weight, not on token 0 when that
+    # one is masked or at -inf; at the largest u, on the last allowed token in the sampler's order
+    # (ordinary tokens by id, then the control tokens in spec order).
+    from rtkern.reference import row_uniform
+    seeds = torch.tensor([U_ZERO_SEED, U_TOP_SEED])
+    assert row_uniform(seeds, torch.zeros(2, dtype=torch.int64)).tolist() == [0.0, 1 - 2**-24]
+    spec = RefusalSpec([3, 5], respond_id=2)
+    z = torch.zeros(5, V)
+    z[1, 0] = NEG_INF                   # allowed, but no weight
+    z[3, 38:] = NEG_INF
+    allowed = torch.ones(5, V, dtype=torch.bool)
+    allowed[0, :2] = False
+    allowed[2, 37:] = False
+    controls = RefusalControls.build(
+        5, 2, DEVICE, seed=torch.tensor([U_ZERO_SEED] * 2 + [U_TOP_SEED] * 3),
+        first_step=torch.tensor([False, False, False, False, True]), mode="free",
+        vocab_mask=pack_vocab_mask(allowed))
+    out = refusal_sample(z.to(DEVICE), spec, controls, backend=backend)
+    # row 4: free first step, the controls come last in the order: respond (id 2) is the very last
+    assert out.tokens.tolist() == [4, 1, 36, 37, 2]
+    assert out.refused.tolist() == [-1] * 5

@@ -237,10 +237,104 @@ def test_lr_schedule():
     assert math.isclose(lr_at(14, cfg, 14), 0.1) and math.isclose(lr_at(9, cfg, 14), 0.55)
 
 
+def test_lr_schedule_floor_scales_with_lr_and_warmup_settings():
+    cfg = TrainConfig(lr=2e-3, warmup_steps=0, warmup_ratio=0.5, min_lr_ratio=0.25)
+    # warmup_steps wins over warmup_ratio, even when it is 0: the first step runs at the peak
+    assert lr_at(0, cfg, 10) == 2e-3
+    # the floor is lr * min_lr_ratio (lr=1 in test_lr_schedule could not tell it from min_lr_ratio)
+    assert math.isclose(lr_at(5, cfg, 10), 5e-4 + 1.5e-3 / 2) and math.isclose(lr_at(10, cfg, 10), 5e-4)
+    # cosine, not linear (they agree at the midpoint): 2 steps of 10, 5e-4 + 1.5e-3 * (1 + cos(pi / 5)) / 2
+    assert math.isclose(lr_at(2, cfg, 10), 1.8567627457812106e-3, rel_tol=1e-12)
+    assert lr_at(12, cfg, 10) == lr_at(10, cfg, 10)          # past the end it stays at the floor
+    # no warmup_steps: warmup_ratio of the run, rounded to the nearest step (0.25 * 14 = 3.5 -> 4)
+    cfg = TrainConfig(lr=2e-3, warmup_ratio=0.25)
+    assert [lr_at(s, cfg, 14) for s in range(5)] == pytest.approx([5e-4, 1e-3, 1.5e-3, 2e-3, 2e-3], rel=1e-12)
+    # the documented defaults (--help: "default 3% of the run", control weight "default 1")
+    assert TrainConfig().warmup_steps is None and TrainConfig().warmup_ratio == 0.03
+    assert TrainConfig().control_weight == 1.0
+    assert TrainConfig().grad_clip == 1.0                    # clipped at 1 like transformers' max_grad_norm
+
+
+def _spy_optimizer(tr):
+    """Record, at every optimizer step, each param group's lr and the norm of the gradients it applies."""
+    seen, step = [], tr.optimizer.step
+
+    def spy(*args, **kwargs):
+        grads = [p.grad for g in tr.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        seen.append(([g["lr"] for g in tr.optimizer.param_groups], float(norm)))
+        return step(*args, **kwargs)
+    tr.optimizer.step = spy
+    return seen
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_train_step_clips_the_global_grad_norm(base, tmp_path, clip):
+    """The optimizer applies gradients of norm min(norm, grad_clip) (0: no clipping); train_step returns
+    the norm before clipping (what the metrics log). Adam is nearly scale-invariant, so no loss curve
+    would show clipping: the gradients are looked at where the optimizer reads them."""
+    ref = _setup(base, tmp_path)
+    rows = ref.stream.take(4)
+    _, _, g = _grads(ref, rows)
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in g.values()])))
+    assert norm > 2 * 0.05                                   # clipping at 0.05 does act
+    tr = _setup(base, tmp_path, grad_clip=clip)
+    seen = _spy_optimizer(tr)
+    _, got, _, _ = tr.train_step(rows)
+    assert float(got) == pytest.approx(norm, rel=1e-5)
+    assert seen[0][1] == pytest.approx(min(norm, clip or float("inf")), rel=1e-5)
+
+
+def test_lr_per_step_and_metrics_windows(base, tmp_path):
+    """Every param group (decayed or not) runs at lr_at(step) for the step being taken; with log_every=3
+    and 4 steps the records are at steps 3 and 4 (the last, partial window is logged too), each with
+    its window's target tokens and the lr of its last step."""
+    cfg = dict(batch_size=2, max_steps=4, warmup_steps=2, log_every=3)
+    first = _setup(base, tmp_path, **cfg)
+    rows = [first.stream.take(2) for _ in range(4)]          # the rows train() takes (same seed)
+    tr = _setup(base, tmp_path, **cfg)
+    seen = _spy_optimizer(tr)
+    tr.train()
+    want = [lr_at(s, tr.cfg, 4) for s in range(4)]           # 1.5e-3, 3e-3, 3e-3, 1.65e-3
+    assert [lrs for lrs, _ in seen] == [[w, w] for w in want]
+    recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [3, 4]
+    assert [r["lr"] for r in recs] == [want[2], want[3]]
+    n = [sum(len(e.ids) - e.n_prompt for r in step for e in r) for step in rows]
+    assert [r["target_tokens"] for r in recs] == [n[0] + n[1] + n[2], n[3]]
+
+
+def test_logged_loss_and_grad_norm_of_the_first_step(base, tmp_path):
+    """The logged loss is the mean over the step's target tokens and the logged grad norm the norm before
+    clipping, both against a per-example reference on the initial weights."""
+    ref = _setup(base, tmp_path, batch_size=4)
+    rows = ref.stream.take(4)
+    _, n, g = _grads(ref, rows)
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in g.values()])))
+    with torch.no_grad():
+        total = sum(F.cross_entropy(ref.model(torch.tensor([e.ids]))[0, e.n_prompt - 1:-1],
+                                    torch.tensor(e.ids[e.n_prompt:]), reduction="sum") for r in rows for e in r)
+    tr = _setup(base, tmp_path, batch_size=4, max_steps=1, grad_clip=0.05)
+    tr.train()
+    (rec,) = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rec["target_tokens"] == n and rec["loss"] == pytest.approx(float(total) / n, rel=1e-5)
+    assert norm > 0.05 and rec["grad_norm"] == pytest.approx(norm, rel=1e-5)
+
+
+def test_total_steps_cover_every_row_of_the_epochs(base, tmp_path):
+    # without max_steps the run takes ceil(epochs * rows / rows_per_step) steps: a last, partial step is
+    # not dropped (10 rows, 4 per step: 3 steps)
+    tr = _setup(base, tmp_path, n=10, batch_size=4)
+    assert tr.rows_per_epoch == 10 and tr.total_steps == 3
+    assert _setup(base, tmp_path, n=10, batch_size=4, epochs=0.5).total_steps == 2
+    assert _setup(base, tmp_path, n=10, batch_size=2, grad_accum=2, epochs=1.5).total_steps == 4   # 3.75
+
+
 def test_no_decay_on_1d_params(base, tmp_path):
-    tr = _setup(base, tmp_path, weight_decay=0.1)
+    tr = _setup(base, tmp_path, weight_decay=0.1, beta1=0.8, beta2=0.99, eps=1e-6)
     decay, no_decay = tr.optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(g["betas"] == (0.8, 0.99) and g["eps"] == 1e-6 for g in (decay, no_decay))
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     n = sum(1 for _ in tr.model.parameters())
     assert len(decay["params"]) + len(no_decay["params"]) == n
@@ -251,7 +345,8 @@ def test_config_overrides_and_validation(tmp_path):
                                       "control_weight=3"])
     assert cfg.control_weight == 3.0 and cfg.lr == 5e-5 and cfg.packing is True and cfg.max_steps is None and cfg.data == ["a", "b"]
     for bad in (["lr=-1"], ["nope=1"], ["packing=maybe"], ["batch_size=0"], ["scheme=both"], ["mix=1:1"], ["lr"],
-                ["control_weight=0"], ["control_weight=inf"]):
+                ["control_weight=0"], ["control_weight=inf"], ["max_steps=0"], ["min_lr_ratio=1.5"],
+                ["warmup_ratio=-0.1"], ["grad_clip=-1"], ["beta2=1"], ["eps=0"]):
         with pytest.raises(ValueError):
             TrainConfig().with_overrides(bad)
     p = tmp_path / "c.json"
