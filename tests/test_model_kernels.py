@@ -47,6 +47,56 @@ def test_add_rmsnorm_matches_torch(dtype, M, D, with_residual):
         assert total is x
 
 
+def test_add_rmsnorm_reads_row_strided_inputs():
+    # x and residual may be views with a row stride (last dim contiguous): rows must be read at their stride
+    x = _randn(4, 100 + 7, dtype=torch.float32, seed=11)[:, :100]
+    res = _randn(4, 100 + 3, dtype=torch.float32, seed=12)[:, 3:]
+    w = _randn(100, dtype=torch.float32, seed=13)
+    out, total = add_rmsnorm(x, w, 1e-5, res)
+    ref_out, ref_total = add_rmsnorm_reference(x, w, 1e-5, res)
+    torch.testing.assert_close(total, ref_total, rtol=0, atol=0)
+    torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("eps", [1e-5, 0.0])
+def test_norm_epsilon_is_applied_and_zero_is_allowed(eps):
+    # rows with mean square ~1e-6, below eps=1e-5: a dropped eps changes rstd ~3x; eps=0 is a valid choice
+    x = _randn(3, 100, dtype=torch.float32, seed=14, scale=1e-3)
+    nw, w = _randn(100, dtype=torch.float32, seed=15), _randn(24, 100, dtype=torch.float32, seed=16, scale=0.1)
+    torch.testing.assert_close(add_rmsnorm(x, nw, eps)[0], add_rmsnorm_reference(x, nw, eps)[0],
+                               **TOL[torch.float32])
+    torch.testing.assert_close(fused_linear(x, w, norm_weight=nw, eps=eps),
+                               fused_linear_reference(x, w, norm_weight=nw, eps=eps), **TOL[torch.float32])
+
+
+def _exact_half_gemms(monkeypatch):
+    # cuBLAS may reduce half-precision GEMMs in half precision; the reference must round once, as the kernels do
+    for flag in ("allow_bf16_reduced_precision_reduction", "allow_fp16_reduced_precision_reduction"):
+        monkeypatch.setattr(torch.backends.cuda.matmul, flag, False)
+
+
+def _mostly_bit_equal(got, want, dtype):
+    # The kernels round where torch's unfused ops round, so in half precision they agree to the bit except
+    # where a float32 summation-order difference crosses a rounding boundary (<1% of elements observed).
+    # A missing intermediate rounding differs in ~25% of elements while staying inside TOL.
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    assert (got != want).float().mean().item() < 0.03
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_results_round_like_torch(dtype, monkeypatch):
+    _exact_half_gemms(monkeypatch)
+    x, w = _randn(5, 1000, dtype=dtype, seed=17), _randn(1000, dtype=dtype, seed=18)
+    res = _randn(5, 1000, dtype=dtype, seed=19, scale=4.0)
+    _mostly_bit_equal(add_rmsnorm(x, w, 1e-5, res)[0], add_rmsnorm_reference(x, w, 1e-5, res)[0], dtype)
+    gu = _randn(3, 2 * 1536, dtype=dtype, seed=20, scale=3.0)
+    _mostly_bit_equal(swiglu(gu), swiglu_reference(gu), dtype)
+    x = _randn(3, 200, dtype=dtype, seed=21, scale=3.0)
+    kw = dict(norm_weight=_randn(200, dtype=dtype, seed=22), eps=1e-5, swiglu=True)
+    wgu = _randn(2 * 130, 200, dtype=dtype, seed=23, scale=200 ** -0.5)
+    _mostly_bit_equal(fused_linear(x, wgu, **kw), fused_linear_reference(x, wgu, **kw), dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,I", [(1, 1), (2, 100), (3, 1536), (2, 2500)] + ([(32, 14336)] if ON_GPU else []))
 def test_swiglu_matches_torch(dtype, M, I):
@@ -78,10 +128,13 @@ def test_fused_linear_adds_into_residual_in_place_and_reads_strided_rows():
     x = _randn(4, 2 * 64, dtype=torch.float32, seed=1)[:, ::2]            # row stride 128, not contiguous
     x = x.contiguous()[:, :48]                                           # contiguous last dim, row stride 64
     w = _randn(40, 48, dtype=torch.float32, seed=2)
-    res = _randn(4, 40, dtype=torch.float32, seed=3)
+    wide = _randn(4, 40 + 6, dtype=torch.float32, seed=3)
+    res = wide[:, :40]                                                   # rows of a wider buffer: stride 46
+    pad = wide[:, 40:].clone()
     want = fused_linear_reference(x, w, residual=res)
     assert fused_linear(x, w, residual=res) is res
     torch.testing.assert_close(res, want, **TOL[torch.float32])
+    assert torch.equal(wide[:, 40:], pad)                                # the columns past N untouched
 
 
 @pytest.mark.parametrize("args,kw,err,match", [
@@ -170,6 +223,19 @@ def test_qkv_rope_rejects_bad_input():
         qkv_rope(x, w[:, :-1].contiguous(), pos, table, k, v, H, n_kv)
 
 
+def test_rope_cache_update_accepts_caches_that_only_touch():
+    # k and v as the two halves of one allocation are adjacent, not overlapping: they must be accepted
+    B, H, n_kv, S, Dh = 2, 4, 2, 8, 16
+    table = rope_table(rope_inv_freq(ModelArgs(dim=H * Dh, n_layers=1, n_heads=H)).to(DEVICE), S)
+    kv = _randn(2, B, n_kv, S, Dh, dtype=torch.float32, seed=4)
+    ref = kv.clone()
+    qkv, pos = _randn(B, (H + 2 * n_kv) * Dh, dtype=torch.float32, seed=5), torch.tensor([1, 7], device=DEVICE)
+    q_ref = rope_cache_update_reference(qkv.clone(), pos, table, ref[0], ref[1], H, n_kv)
+    q = rope_cache_update(qkv, pos, table, kv[0], kv[1], H, n_kv)
+    torch.testing.assert_close(q, q_ref, **TOL[torch.float32])
+    torch.testing.assert_close(kv, ref, **TOL[torch.float32])
+
+
 def test_rope_table_matches_the_model_rotation():
     # the kernels' half table (cos | sin) rotates q and k exactly as the model's apply_rope does
     args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, rope_theta=500.0, rope_scaling={
@@ -228,6 +294,29 @@ def test_attention_out_proj_matches_attention_then_projection(dtype, B, H, n_kv,
     torch.testing.assert_close(res, want, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("S", [33, 50])
+def test_attention_out_proj_merges_several_chunks(dtype, S, monkeypatch):
+    # On the CPU the planner picks one chunk for every shape above; chunk=16 gives 3 and 4 chunks, so the
+    # merge prologue combines chunks, including a padded (non power of two) chunk count and dead chunks.
+    # In half precision it also rounds where the unfused path does: the merged row, then the GEMM output.
+    _exact_half_gemms(monkeypatch)
+    B, H, n_kv, Dh, N = 3, 6, 2, 24, 40
+    k, v = _caches(B, n_kv, S, Dh, dtype, seed=S)
+    q = _randn(B, H, Dh, dtype=dtype, seed=S + 1)
+    pos = torch.tensor([0, 20, S - 1], device=DEVICE)
+    w = _randn(N, H * Dh, dtype=dtype, seed=S + 2, scale=(H * Dh) ** -0.5)
+    res = _randn(B, N, dtype=dtype, seed=S + 3)
+    want = fused_linear_reference(decode_attention_reference(q, k, v, pos), w, residual=res)
+    m, l, acc = decode_attention_partials(q, k, v, pos, chunk=16)
+    assert m.shape[-1] == -(-S // 16)
+    attention_out_proj(m, l, acc, w, res)
+    if dtype == torch.float32:
+        torch.testing.assert_close(res, want, **TOL[dtype])
+    else:
+        _mostly_bit_equal(res, want, dtype)
+
+
 def test_attention_out_proj_rejects_bad_input():
     m, l, acc = torch.zeros(2, 4, 3), torch.ones(2, 4, 3), torch.zeros(2, 4, 3, 8)
     w, res = torch.ones(16, 32), torch.zeros(2, 16)
@@ -243,8 +332,10 @@ def test_attention_out_proj_rejects_bad_input():
                                                                                        device=DEVICE), max_splits=0)
 
 
-def test_decode_attention_ignores_slots_past_the_position():
-    B, H, S, Dh = 2, 4, 48, 16
+@pytest.mark.parametrize("Dh", [16, 24])
+def test_decode_attention_ignores_slots_past_the_position(Dh):
+    # Dh=24 pads the head dim to 32 lanes: lanes past Dh must not read into the next slot (NaN there)
+    B, H, S = 2, 4, 48
     k, v = _caches(B, 2, S, Dh, torch.float32, seed=1)
     q = _randn(B, H, Dh, dtype=torch.float32, seed=2)
     pos = torch.tensor([5, 30], device=DEVICE)

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rtkern.kernels._common import num_sms
 from rtkern.kernels.rmsnorm import rms_norm
 from rtkern.kernels.swiglu import silu_mul
 from rtkern.model import ModelArgs, Transformer
@@ -48,6 +49,20 @@ def test_rms_norm_forward_and_backward_match_torch(dtype, shape):
     # dw sums over every row: compare relative to its scale
     torch.testing.assert_close(dw.float(), dw_ref.float(), rtol=TOL[dtype]["rtol"],
                                atol=TOL[dtype]["atol"] * dw_ref.float().abs().max().item())
+
+
+def test_rms_norm_backward_with_a_short_last_program():
+    # the backward gives each program a run of rows; with M not a multiple of the run the last program is
+    # short and must stop at M (no program count on CPU or GPU divides 8 * SMs + 5 evenly here)
+    M = 8 * num_sms(DEVICE) + 5
+    per = -(-M // min(M, 4 * num_sms(DEVICE)))
+    assert M % per, "the shape must leave the last program short"
+    x, w = _leaf((M, 64), torch.float32, 5, scale=3.0), _leaf((64,), torch.float32, 6)
+    dy = torch.randn(M, 64, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    _, (dx, dw) = _grads(lambda a, b: rms_norm(a, b, 1e-5), x, w, dy=dy)
+    _, (dx_ref, dw_ref) = _grads(lambda a, b: _rms_torch(a, b, 1e-5), x, w, dy=dy)
+    torch.testing.assert_close(dx, dx_ref, **TOL[torch.float32])
+    torch.testing.assert_close(dw, dw_ref, rtol=1e-5, atol=1e-5 * dw_ref.abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
