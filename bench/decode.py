@@ -91,8 +91,6 @@ def load_subject(name: str, device, dtype):
         with torch.device("meta"):
             model = Transformer(args)
         model = model.to_empty(device=device).to(dtype)
-        if args.tie_word_embeddings:  # to_empty gives the shared matrix a copy per module: tie it again
-            model.lm_head.weight = model.embed_tokens.weight
         model = random_weights_(model)
         v = args.vocab_size
         spec = RefusalSpec(list(range(v - 6, v - 1)), respond_id=v - 1)  # reserved ids at the vocab's end

@@ -132,9 +132,7 @@ def build_model(args: ModelArgs, sd: dict, *, device, dtype, source: str = "chec
             raise ValueError(f"{where}tensor {name!r} has shape {tuple(sd[k].shape)}, expected {shape}")
     sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=False, assign=True)
-    if args.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    return model.eval()
+    return model.tie_weights_().eval()  # assign=True replaced the shared meta parameter in one module only
 
 
 # -- Hugging Face safetensors ------------------------------------------------------------------------

@@ -325,12 +325,21 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
-        if args.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_weights_()
         # Not a buffer: model.to(bfloat16) must not round the frequencies.
         self._inv_freq_cpu = rope_inv_freq(args)
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
         self.max_batch = self.max_seq = 0
+
+    def tie_weights_(self) -> "Transformer":
+        """Share the embedding matrix with the head when the config ties them."""
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        return self
+
+    def to_empty(self, *, device, recurse: bool = True) -> "Transformer":
+        # nn.Module.to_empty makes a new tensor per module, so a tied matrix would come back as two copies.
+        return super().to_empty(device=device, recurse=recurse).tie_weights_()
 
     def setup_cache(self, max_batch: int, max_seq: int, dtype=None, device=None):
         p = self.embed_tokens.weight

@@ -236,6 +236,17 @@ def test_from_name():
         ModelArgs.from_name("gpt-5")
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_to_empty_keeps_the_head_tied_as_configured(tie):
+    # nn.Module.to_empty alone gives each module its own copy of a shared meta parameter
+    with torch.device("meta"):
+        model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=37, intermediate_size=48,
+                                      tie_word_embeddings=tie))
+    model = model.to_empty(device="cpu")
+    assert (model.lm_head.weight is model.embed_tokens.weight) == tie
+    assert len(list(model.parameters())) == len(model.state_dict()) - tie
+
+
 def test_from_hf_config_defaults_are_transformers_defaults():
     # a config.json may leave out any optional field: each absent one means what LlamaConfig means by it
     minimal = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=101,
