@@ -853,3 +853,101 @@ def test_extreme_uniform_draws_take_the_first_and_last_allowed_tokens(backend):
     # row 4: free first step, the controls come last in the order: respond (id 2) is the very last
     assert out.tokens.tolist() == [4, 1, 36, 37, 2]
     assert out.refused.tolist() == [-1] * 5
+
+
+@pytest.mark.skipif(ON_GPU, reason="on CUDA the default is the kernel")
+def test_default_backend_off_cuda_is_the_reference(monkeypatch):
+    """backend=None never runs the Triton interpreter on CPU tensors, even with TRITON_INTERPRET=1."""
+    def launched(*args, **kwargs):
+        raise AssertionError("the Triton kernel ran for CPU logits with backend=None")
+    monkeypatch.setattr(sampler_mod, "refusal_sample_launch_prechecked", launched)
+    logits = good_logits()
+    want = torch.softmax(logits.double(), 1)[:, [3, 5]]
+    out = refusal_sample(logits, SPEC, good_controls(temperature=0.0))
+    torch.testing.assert_close(out.refusal_probs.double(), want, rtol=PROB_RTOL, atol=0)
+    torch.testing.assert_close(refusal_probs(logits, SPEC).double(), want, rtol=PROB_RTOL, atol=0)
+    apply_refusal_(logits.clone(), SPEC, good_controls())
+
+
+def test_triton_backend_vocabulary_limit_is_exclusive(no_launch):
+    """V = 2**24 - 1 passes the checks (and reaches the launch); V = 2**24 is refused before it."""
+    spec = RefusalSpec([0])
+    for v in ((1 << 24) - 1, 1 << 24):
+        logits = torch.zeros(1, v, dtype=torch.float16, device=DEVICE)
+        controls = RefusalControls.build(1, 1, DEVICE)
+        if v < (1 << 24):
+            with pytest.raises(AssertionError, match="before the bad input"):
+                refusal_sample(logits, spec, controls, backend="triton")
+        else:
+            with pytest.raises(ValueError, match="the Triton sampler supports V < 16777216, got V=16777216"):
+                refusal_sample(logits, spec, controls, backend="triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("out,match", [
+    (_out()._replace(tokens=torch.empty(2 * B, dtype=torch.int64, device=DEVICE)[::2]),
+     r"out.tokens must be a contiguous torch.int64 tensor of shape \[2\]"),
+    (_out()._replace(refusal_probs=torch.empty(C, B, device=DEVICE).t()),
+     r"out.refusal_probs must be a contiguous torch.float32 tensor of shape \[2, 2\]"),
+    # "meta" stands in for a second device: the check compares devices and never reads the values.
+    (_out()._replace(refused=torch.empty(B, dtype=torch.int32, device="meta")),
+     r"out.refused must be a contiguous torch.int32 tensor of shape \[2\] on .*got torch.int32 \[2\] on meta"),
+], ids=["tokens strided", "probs transposed", "refused on meta"])
+def test_out_must_be_contiguous_and_on_the_logits_device(no_launch, backend, out, match):
+    with pytest.raises(ValueError, match=match):
+        refusal_sample(good_logits(), SPEC, good_controls(), out=out, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_refusal_probs_rejects_a_logit_bias_on_another_device(no_launch, backend):
+    with pytest.raises(ValueError, match=r"logit_bias must be float32 \[2, 2\] on .*got torch.float32 \[2, 2\] on meta"):
+        refusal_probs(good_logits(), SPEC, logit_bias=torch.zeros(B, C, device="meta"), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_apply_refusal_forces_nothing_on_an_invalid_first_step_row(backend):
+    """A NaN row at the first step with a [respond] token: invalid (-2, token -1), not "answer"."""
+    logits = good_logits()
+    logits[0, 0] = float("nan")
+    ctl = good_controls(thresholds=2.0)                   # never refuse: valid first-step rows answer
+    want = refusal_sample(logits.clone(), SPEC, ctl, backend=backend)
+    res = apply_refusal_(logits, SPEC, ctl, backend=backend)
+    assert want.tokens.tolist() == res.tokens.tolist() == [-1, 7]
+    assert want.refused.tolist() == res.refused.tolist() == [-2, -1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_apply_refusal_bias_keeps_a_masked_refusal_token_masked(backend):
+    """A -inf refusal logit in a first-step free row stays -inf under a positive bias (only finite
+    logits saturate), so no sampler can draw a token the model ruled out."""
+    logits = good_logits()
+    logits[:, 3] = NEG_INF
+    ctl = good_controls(mode="free", first_step=True, logit_bias=5.0)
+    expect5 = logits[:, 5] + 5.0
+    res = apply_refusal_(logits, SPEC, ctl, backend=backend)
+    assert (res.refused == -1).all() and (res.tokens == -1).all()
+    assert torch.isneginf(logits[:, 3]).all()
+    torch.testing.assert_close(logits[:, 5], expect5, rtol=0, atol=0)
+
+
+def test_remembered_out_check_sees_requires_grad_switched_on(no_launch):
+    """The same `out`, checked once, then its refusal_probs made to require grad in place: re-checked."""
+    out = _out()
+    with pytest.raises(AssertionError, match="before the bad input"):      # passes the checks
+        refusal_sample(good_logits(), SPEC, good_controls(), out=out, backend="torch")
+    out.refusal_probs.requires_grad_()
+    with pytest.raises(ValueError, match=r"out.refusal_probs is written in place: it must not require grad"):
+        refusal_sample(good_logits(), SPEC, good_controls(), out=out, backend="torch")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="backend=None picks the kernel only on CUDA")
+def test_default_backend_switches_to_torch_exactly_at_the_kernels_limit(monkeypatch):
+    def launched(*args, **kwargs):
+        raise AssertionError("the kernel ran")
+    monkeypatch.setattr(sampler_mod, "refusal_sample_launch_prechecked", launched)
+    spec, controls = RefusalSpec([0]), RefusalControls.build(1, 1, DEVICE, temperature=0.0)
+    with pytest.raises(AssertionError, match="the kernel ran"):                  # V = 2**24 - 1: the kernel
+        refusal_sample(torch.zeros(1, (1 << 24) - 1, device=DEVICE), spec, controls)
+    logits = torch.zeros(1, 1 << 24, device=DEVICE)                             # V = 2**24: the reference
+    logits[0, 5] = 1.0
+    assert refusal_sample(logits, spec, controls).tokens.tolist() == [5]

@@ -231,3 +231,135 @@ def test_metrics_log_resume_keeps_records_up_to_the_checkpoint(tmp_path):
     assert not f.exists()
     f.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     assert [r["step"] for r in read_metrics(f)] == [1, 2]
+
+
+def test_config_dtype_generation_config_and_the_weights_given(tmp_path):
+    """config.json records the weights' dtype; generation_config.json the tokenizer's bos and eos ids; an
+    explicit state_dict (what FSDP gathers) is what gets written, not the model's own weights."""
+    from safetensors.torch import load_file
+    model, tok, ctrl = _prepared(tmp_path, tie=False, scheme="single")
+    d = ck.save_checkpoint(tmp_path / "c", model, tok, ctrl)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["torch_dtype"] == cfg["dtype"] == "float32"
+    assert tok.bos_id is not None and [tok.bos_id] != list(tok.eos_ids)
+    assert json.loads((d / "generation_config.json").read_text()) == {"bos_token_id": tok.bos_id,
+                                                                      "eos_token_id": list(tok.eos_ids)}
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sd["embed_tokens.weight"][ctrl.respond_id] += 5.0
+    d = ck.save_checkpoint(tmp_path / "c", model.to(torch.bfloat16), tok, ctrl,
+                           state_dict={k: v.to(torch.bfloat16) for k, v in sd.items()})
+    assert json.loads((d / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    saved = load_file(str(d / "model.safetensors"))
+    torch.testing.assert_close(saved["model.embed_tokens.weight"], sd["embed_tokens.weight"].to(torch.bfloat16),
+                               rtol=0, atol=0)
+    assert not torch.equal(saved["model.embed_tokens.weight"], model.embed_tokens.weight.detach())
+    with pytest.raises(ValueError, match="state_dict has no 'embed_tokens.weight'"):
+        ck.save_checkpoint(tmp_path / "bad", model, tok, ctrl, state_dict={"norm.weight": torch.ones(2)})
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_tokenizer_with_more_ids_than_the_model_is_not_saved(tmp_path):
+    model, tok = load_model(make_base(tmp_path / "base"), device="cpu", dtype=torch.float32)
+    ctrl = add_control_tokens(model, tok, "single")       # 302 ids, 320 rows
+    tok.add_control_tokens([f"[x{i}]" for i in range(19)])
+    assert tok.vocab_size == 321
+    with pytest.raises(ValueError, match="tokenizer has 321 ids, the model only 320 rows"):
+        ck.save_checkpoint(tmp_path / "c", model, tok, ctrl)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+def test_gguf_style_tokenizer_keeps_its_chat_template(tmp_path):
+    """A tokenizer whose chat template lives outside the Hugging Face object (as GGUF-derived ones) saves it."""
+    model, tok, ctrl = _prepared(tmp_path, tie=True, scheme="single")
+    template = tok.chat_template
+    tok._hf.chat_template = None
+    assert template and tok.chat_template == template
+    d = ck.save_checkpoint(tmp_path / "c", model, tok, ctrl)
+    assert transformers.AutoTokenizer.from_pretrained(str(d), local_files_only=True).chat_template == template
+
+
+def test_broken_control_file_and_incomplete_trainer_state(tmp_path):
+    (tmp_path / ck.CONTROL_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="rtkern.json: invalid JSON"):
+        ck.load_control_tokens(tmp_path)
+    (tmp_path / ck.CONTROL_FILE).write_text('{"scheme": "single"}')
+    with pytest.raises(ValueError, match="malformed rtkern.json"):
+        ck.load_control_tokens(tmp_path)
+    (tmp_path / ck.STATE_JSON).write_text('{"step": 1}')            # the tensors file is missing
+    with pytest.raises(FileNotFoundError, match=r"not a resumable checkpoint \(no trainer_state.pt\)"):
+        ck.load_trainer_state(tmp_path)
+
+
+def test_only_exact_checkpoint_names_count(tmp_path):
+    for name in ("checkpoint-5", "checkpoint-7.bak", "checkpoint-8-old", "xcheckpoint-9"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ck.STATE_JSON).write_text("{}")
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["checkpoint-5"]
+    assert ck.latest_checkpoint(tmp_path).name == "checkpoint-5"
+
+
+def test_sentencepiece_config_declares_unknown_control_pieces_and_the_template(tmp_path):
+    """By hand for the tiny unigram model (unk 0, bos 1, eos 2, ChatML markers 3..5 as control pieces)."""
+    model, tok = load_model(_sentencepiece_base(tmp_path, "unigram"), device="cpu", dtype=torch.float32)
+    ctrl = add_control_tokens(model, tok, "single")
+    n = tok._sp.sp.get_piece_size()
+    assert ctrl.refusal_ids == (n,) and ctrl.respond_id == n + 1
+    cfg = ck.sentencepiece_tokenizer_config(tok, ctrl)
+    assert (cfg["unk_token"], cfg["bos_token"], cfg["eos_token"]) == ("<unk>", "<s>", "</s>")
+    want = {0: "<unk>", 1: "<s>", 2: "</s>", 3: "<|endoftext|>", 4: "<|im_start|>", 5: "<|im_end|>",
+            n: "[refuse]", n + 1: "[respond]"}
+    assert {int(i): t["content"] for i, t in cfg["added_tokens_decoder"].items()} == want
+    assert all(t["special"] and not t["normalized"] for t in cfg["added_tokens_decoder"].values())
+    assert cfg["extra_special_tokens"] == ["[refuse]", "[respond]"]
+    assert cfg["chat_template"] == tok.chat_template and "im_start" in cfg["chat_template"]
+
+
+def test_metrics_peak_memory_units_and_plot(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from rtkern.train import metrics
+    f = tmp_path / "metrics.jsonl"
+    f.write_text('{"step": 0, "event": "start"}\n')
+    assert metrics.plot_loss(f, tmp_path / "a.png") is None and not (tmp_path / "a.png").exists()
+    f.write_text('{"step": 0, "event": "start"}\n{"step": 1, "loss": 2.0, "lr": 0.1}\n{"step": 2, "loss": 1.5, "lr": 0.2}\n')
+    png = metrics.plot_loss(f, tmp_path / "b.png")
+    assert png == tmp_path / "b.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setattr(metrics.resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=3 * 2**20))
+    monkeypatch.setattr(metrics.sys, "platform", "linux")                   # ru_maxrss in KiB
+    assert metrics.peak_memory_gb(torch.device("cpu")) == 3.0
+    monkeypatch.setattr(metrics.sys, "platform", "darwin")                  # in bytes
+    assert metrics.peak_memory_gb(torch.device("cpu")) == 3 / 1024
+
+
+def test_saved_tensors_never_share_storage(tmp_path, monkeypatch):
+    """safetensors before 0.6 refuses tensors that share storage (the fused q/k/v and gate/up views);
+    whatever the installed version accepts, what reaches save_file owns its memory."""
+    import safetensors.torch
+
+    from rtkern import fused_decode
+    model, tok, ctrl = _prepared(tmp_path, tie=False)
+    model.setup_cache(1, 8)
+    fused_decode.prepare(model)
+    model.remove_cache()
+    real = safetensors.torch.save_file
+
+    def checked(tensors, *a, **kw):
+        for k, v in tensors.items():
+            assert v.untyped_storage().nbytes() == v.numel() * v.element_size(), f"{k} shares its storage"
+        return real(tensors, *a, **kw)
+    monkeypatch.setattr(safetensors.torch, "save_file", checked)
+    ck.save_checkpoint(tmp_path / "ckpt", model, tok, ctrl)
+
+
+def test_empty_trainer_state_is_still_written_and_a_resume_at_step_0_drops_later_records(tmp_path):
+    """An empty state and empty tensors are a (trivial) resumable checkpoint, not a missing one; a metrics
+    log resumed at step 0 keeps only what precedes the first step."""
+    from rtkern.train.metrics import MetricsLog, read_metrics
+    model, tok, ctrl = _prepared(tmp_path, True, "single")
+    d = ck.save_checkpoint(tmp_path / "out" / ck.checkpoint_name(0), model, tok, ctrl, state={}, tensors={})
+    assert (d / ck.STATE_JSON).is_file() and (d / ck.STATE_TENSORS).is_file()
+    assert ck.load_trainer_state(d) == ({}, {}) and ck.latest_checkpoint(tmp_path / "out") == d
+    f = tmp_path / "metrics.jsonl"
+    f.write_text('{"step": 0, "event": "start"}\n{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n')
+    MetricsLog(f, resume_step=0)
+    assert read_metrics(f) == [{"step": 0, "event": "start"}]

@@ -209,3 +209,83 @@ def test_fsdp_resumes_exactly_and_single_process_resumes_its_checkpoint(tmp_path
         mb = load_model(out / "final", device="cpu")[0].state_dict()
         for k in ma:
             torch.testing.assert_close(ma[k], mb[k], rtol=1e-4, atol=1e-6)
+
+
+def _printed_config(capsys, *argv):
+    assert main(["train", *argv, "--print-config"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_every_flag_reaches_its_config_field(capsys):
+    cfg = _printed_config(
+        capsys, "--base", "b", "--scheme", "single", "--out", "o", "--mix", "1:1:2", "--epoch-examples", "10",
+        "--seq-len", "64", "--batch-size", "3", "--grad-accum", "2", "--epochs", "1.5", "--max-steps", "7",
+        "--lr", "0.002", "--warmup-steps", "4", "--weight-decay", "0.05", "--grad-clip", "0.7", "--dtype", "fp32",
+        "--control-weight", "2.5", "--ce-chunk", "128", "--save-every", "5", "--keep-last", "3", "--log-every", "6",
+        "--seed", "11", "--device", "cpu", "--kernels", "triton", "--parallel", "ddp", "--data", "a", "b",
+        "--data", "c", "--packing", "--activation-checkpointing", "--no-progress", "--no-plot", "--resume")
+    want = dict(base="b", scheme="single", out="o", mix="1:1:2", epoch_examples=10, seq_len=64, batch_size=3,
+                grad_accum=2, epochs=1.5, max_steps=7, lr=0.002, warmup_steps=4, weight_decay=0.05, grad_clip=0.7,
+                dtype="fp32", control_weight=2.5, ce_chunk=128, save_every=5, keep_last=3, log_every=6, seed=11,
+                device="cpu", kernels="triton", parallel="ddp", data=["a", "b", "c"], packing=True,
+                activation_checkpointing=True, compile=False, progress=False, plot=False, resume="auto")
+    assert {k: cfg[k] for k in want} == want
+    assert all(type(cfg[k]) is type(v) for k, v in want.items())       # 1.5 epochs stay a float, 4 steps an int
+    assert _printed_config(capsys, "--compile", "--resume", "runs/x/checkpoint-0000002")["compile"] is True
+    assert _printed_config(capsys, "--resume", "runs/x/checkpoint-0000002")["resume"] == "runs/x/checkpoint-0000002"
+    plain = _printed_config(capsys)
+    assert (plain["packing"], plain["activation_checkpointing"], plain["compile"]) == (False, False, False)
+    assert (plain["progress"], plain["plot"], plain["resume"], plain["data"]) == (True, True, None, [])
+
+
+def test_config_file_then_flags_then_set(capsys, tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"lr": 0.001, "seq_len": 64, "seed": 5, "packing": True}))
+    cfg = _printed_config(capsys, "--config", str(f))
+    assert (cfg["lr"], cfg["seq_len"], cfg["seed"], cfg["packing"]) == (0.001, 64, 5, True)
+    cfg = _printed_config(capsys, "--config", str(f), "--lr", "0.002", "--seed", "6")
+    assert (cfg["lr"], cfg["seq_len"], cfg["seed"]) == (0.002, 64, 6)       # flags beat the file
+    cfg = _printed_config(capsys, "--config", str(f), "--lr", "0.002", "--set", "lr=0.003", "--set", "seq_len=32")
+    assert (cfg["lr"], cfg["seq_len"], cfg["seed"]) == (0.003, 32, 5)       # --set beats both, and repeats
+
+
+class _FakeTrainer:
+    def __init__(self, result, *, rank=0, signal=None):
+        from rtkern.train.trainer import DistInfo
+        self.result, self.dist, self._stop_signal = result, DistInfo(rank=rank, world=2 if rank else 1), signal
+
+    def train(self):
+        return self.result
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_exit_status_and_messages_of_a_run(monkeypatch, capsys, rank):
+    """Completed: 0 and (rank 0 only) the last logged loss; interrupted: 128 + the signal (SIGTERM when
+    unknown), on every rank."""
+    import rtkern.train.run as run_mod
+    done = {"status": "completed", "step": 5, "losses": [(1, 2.0), (5, 0.25)], "path": "runs/x/final"}
+    cut = {"status": "interrupted", "step": 3, "losses": [(1, 2.0)], "path": "runs/x/checkpoint-0000003"}
+    cases = [(done, None, 0), ({**done, "losses": []}, None, 0), (cut, 2, 130), (cut, None, 143)]
+    for result, sig, rc in cases:
+        monkeypatch.setattr(run_mod, "build_trainer", lambda cfg, r=result, s=sig: _FakeTrainer(r, rank=rank, signal=s))
+        assert main(["train", "--data", "x.jsonl", "--no-plot"]) == rc
+        out, err = capsys.readouterr()
+        if rank:
+            assert "rtkern train:" not in out + err
+        elif rc == 0:
+            last = "0.2500" if result["losses"] else "nan"
+            assert f"rtkern train: done, 5 steps, last loss {last}; model in runs/x/final" in out
+        else:
+            assert "interrupted at step 3; resumable checkpoint in runs/x/checkpoint-0000003" in err
+
+
+@pytest.mark.parametrize("exc", [NotImplementedError("no FSDP here"), FileNotFoundError("no FSDP here"),
+                                 ValueError("no FSDP here")])
+def test_errors_while_building_are_reported_with_status_1(monkeypatch, capsys, exc):
+    import rtkern.train.run as run_mod
+
+    def fail(cfg):
+        raise exc
+    monkeypatch.setattr(run_mod, "build_trainer", fail)
+    assert main(["train", "--data", "x.jsonl"]) == 1
+    assert "rtkern train: error: no FSDP here" in capsys.readouterr().err

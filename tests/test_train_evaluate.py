@@ -75,3 +75,49 @@ def test_rate_table_sets_keys_and_markdown_rows():
     assert md[:2] == ["| set | category | prompts | refused (argmax) |", "|---|---|---|---|"]
     assert md[2:] == ["| contrast | all | 2 | 50.0% |", "| contrast | uncategorised | 1 | 100.0% |",
                       "| contrast | x | 1 | 0.0% |", "| original | all | 2 | 50.0% |", "| original | x | 2 | 50.0% |"]
+
+
+def test_main_prints_the_table_of_the_models_greedy_decisions(monkeypatch, capsys):
+    """The CLI wiring: the model and data it was given, the batch size for the engine and the batches, the
+    labels in the data's order; the model and data loaders and the engine are stand-ins."""
+    from types import SimpleNamespace
+
+    import rtkern.calibrate_data
+    import rtkern.engine
+    import rtkern.loader
+    from rtkern.train import evaluate
+
+    refused = {"p0": 0, "p1": -1, "p2": 1, "p3": -1, "p4": -1}
+    calls = {}
+
+    class FakeEngine:
+        def __init__(self, model, tok, max_batch):
+            calls["engine"] = (model, tok, max_batch)
+            calls["batches"] = []
+
+        def generate(self, prompts, params):
+            calls["batches"].append(list(prompts))
+            return [SimpleNamespace(refused=refused[p]) for p in prompts]
+
+    def fake_load_model(path, device):
+        calls["model"] = (path, device)
+        return "MODEL", "TOK"
+
+    def fake_load_labelled(path):
+        calls["data"] = path
+        return SimpleNamespace(prompts=list(refused), should_refuse=torch.tensor([True, True, False, False, True]),
+                               categories=["a", "a", None, "b", "a"])
+
+    monkeypatch.setattr(rtkern.engine, "Engine", FakeEngine)
+    monkeypatch.setattr(rtkern.loader, "load_model", fake_load_model)
+    monkeypatch.setattr(rtkern.calibrate_data, "load_labelled", fake_load_labelled)
+    assert evaluate.main(["--model", "m", "--data", "d.csv", "--device", "cpu", "--batch-size", "2"]) == 0
+    assert calls["model"] == ("m", "cpu") and calls["data"] == "d.csv"
+    assert calls["engine"] == ("MODEL", "TOK", 2)
+    assert calls["batches"] == [["p0", "p1"], ["p2", "p3"], ["p4"]]
+    assert capsys.readouterr().out.splitlines()[2:] == [
+        "| contrast | all | 2 | 50.0% |", "| contrast | b | 1 | 0.0% |", "| contrast | uncategorised | 1 | 100.0% |",
+        "| original | a | 3 | 33.3% |", "| original | all | 3 | 33.3% |"]
+    assert evaluate.main(["--model", "m", "--data", "d.csv"]) == 0          # defaults: one batch of up to 32
+    assert calls["engine"] == ("MODEL", "TOK", 32) and calls["batches"] == [list(refused)]
+    assert calls["model"] == ("m", "cuda" if torch.cuda.is_available() else "cpu")

@@ -465,3 +465,67 @@ def test_resume_keeps_the_metrics_window(base, tmp_path):
     for r in got:
         for k in ("loss", "tokens", "target_tokens", "lr", "grad_norm", "epoch"):
             assert r[k] == ref[r["step"]][k], (r["step"], k)
+
+
+def test_resume_path_must_be_a_checkpoint_directory(tmp_path):
+    from rtkern.train.run import resolve_resume
+    f = tmp_path / "ckpt.txt"
+    f.write_text("")
+    for p in (tmp_path / "missing", f):
+        with pytest.raises(FileNotFoundError, match=f"resume: {re.escape(str(p))} is not a checkpoint directory"):
+            resolve_resume(TrainConfig(resume=str(p), out=str(tmp_path)))
+    assert resolve_resume(TrainConfig(resume=str(tmp_path))) == tmp_path
+    assert resolve_resume(TrainConfig(resume=None)) is None
+
+
+def test_training_device_follows_the_local_rank(monkeypatch):
+    """No GPU is needed: torch.device objects are only built, never used."""
+    from types import SimpleNamespace
+
+    from rtkern.train.run import training_device
+    from rtkern.train.trainer import DistInfo
+    rank1 = DistInfo(rank=1, world=2, local_rank=1)
+    assert training_device(SimpleNamespace(device="cuda"), rank1) == torch.device("cuda", 1)
+    assert training_device(SimpleNamespace(device="cuda:0"), rank1) == torch.device("cuda", 0)
+    assert training_device(SimpleNamespace(device="cpu"), rank1) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training_device(SimpleNamespace(device=None), rank1) == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training_device(SimpleNamespace(device=None), rank1) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("parallel,world,want", [("fsdp", 2, "cpu"), ("ddp", 2, "cuda:1"), ("fsdp", 1, "cuda:0"),
+                                                 ("auto", 2, "cuda:1")])
+def test_fsdp_loads_the_base_on_the_cpu(monkeypatch, parallel, world, want):
+    """Under FSDP with several ranks the whole model must not go to one GPU: the base loads on the CPU."""
+    from types import SimpleNamespace
+
+    import rtkern.train.run as run_mod
+    from rtkern.train.trainer import DistInfo
+    seen = []
+
+    class Loaded(Exception):
+        pass
+
+    def fake_load(path, device, dtype):
+        seen.append((path, device, dtype))
+        raise Loaded
+    monkeypatch.setattr(run_mod, "load_model", fake_load)
+    cfg = SimpleNamespace(data=["d.jsonl"], device="cuda", parallel=parallel, resume=None, base="the-base",
+                          scheme="single")
+    with pytest.raises(Loaded):
+        run_mod.build_trainer(cfg, DistInfo(rank=world - 1, world=world, local_rank=world - 1))
+    assert seen == [("the-base", torch.device(want), torch.float32)]
+
+
+def test_build_trainer_needs_data_and_the_checkpoints_scheme(base, tmp_path):
+    with pytest.raises(ValueError, match="no training data: pass --data"):
+        build_trainer(TrainConfig(base=str(base), out=str(tmp_path / "o"), device="cpu"), None)
+    data = _data(tmp_path)
+    common = dict(base=str(base), data=[str(data)], device="cpu", progress=False, plot=False, seq_len=128,
+                  batch_size=4, max_steps=2, lr=3e-3, warmup_steps=1, scheme="single")
+    out = tmp_path / "run"
+    build_trainer(TrainConfig(out=str(out), save_every=1, **common), None).train()
+    ckpt = out / "checkpoint-0000001"
+    with pytest.raises(ValueError, match="was trained with scheme 'single', config says 'category'"):
+        build_trainer(TrainConfig(out=str(tmp_path / "r"), resume=str(ckpt), **{**common, "scheme": "category"}), None)
