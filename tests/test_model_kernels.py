@@ -317,6 +317,23 @@ def test_attention_out_proj_merges_several_chunks(dtype, S, monkeypatch):
         _mostly_bit_equal(res, want, dtype)
 
 
+def test_max_splits_caps_the_planned_chunks():
+    # one row and one KV head: the planner cuts the 200 slots into several chunks on any device (4 on the CPU);
+    # max_splits must cap their number, and the capped partials must still merge to the same attention
+    B, H, n_kv, S, Dh, N = 1, 4, 1, 200, 16, 24
+    k, v = _caches(B, n_kv, S, Dh, torch.float32, seed=30)
+    q = _randn(B, H, Dh, dtype=torch.float32, seed=31)
+    pos = torch.tensor([S - 1], device=DEVICE)
+    w = _randn(N, H * Dh, dtype=torch.float32, seed=32, scale=(H * Dh) ** -0.5)
+    res = _randn(B, N, dtype=torch.float32, seed=33)
+    want = fused_linear_reference(decode_attention_reference(q, k, v, pos), w, residual=res)
+    assert decode_attention_partials(q, k, v, pos)[0].shape[-1] > 2
+    m, l, acc = decode_attention_partials(q, k, v, pos, max_splits=2)
+    assert m.shape[-1] == 2
+    attention_out_proj(m, l, acc, w, res)
+    torch.testing.assert_close(res, want, **TOL[torch.float32])
+
+
 def test_attention_out_proj_rejects_bad_input():
     m, l, acc = torch.zeros(2, 4, 3), torch.ones(2, 4, 3), torch.zeros(2, 4, 3, 8)
     w, res = torch.ones(16, 32), torch.zeros(2, 16)
@@ -424,6 +441,40 @@ def test_launchers_reject_non_tensors_bad_eps_and_empty_dims():
     m, l, acc = decode_attention_partials(q[:0], k, k, pos[:0])
     res = torch.zeros(0, 8, **f32)
     assert attention_out_proj(m, l, acc, torch.ones(8, 64, **f32), res) is res
+
+
+def test_launchers_reject_strided_vectors_rows_and_short_caches():
+    # the kernels read weight vectors and rows with unit stride, and write the cache rows of every batch row:
+    # a strided view or a cache with fewer rows than the batch must be refused, not misread or overrun
+    f32 = dict(device=DEVICE, dtype=torch.float32)
+    x, w = torch.randn(2, 8, **f32), torch.randn(6, 8, **f32)
+    strided = torch.ones(16, **f32)[::2]
+    _bad(lambda: add_rmsnorm(x, strided, 1e-5), ValueError, "weight must be a contiguous")
+    _bad(lambda: add_rmsnorm(x, torch.ones(8, **f32), 1e-5, torch.randn(8, 2, **f32).t()), ValueError, "residual")
+    _bad(lambda: fused_linear(x, w, norm_weight=strided), ValueError, "norm_weight")
+    _bad(lambda: fused_linear(torch.randn(8, 2, **f32).t(), w), ValueError, "contiguous last dimension")
+    pos, table = torch.zeros(2, dtype=torch.int64, device=DEVICE), torch.zeros(32, 16, **f32)
+    k = torch.randn(2, 2, 32, 16, **f32)
+    _bad(lambda: rope_cache_update(torch.randn(2, 8 * 16, **f32), pos, table, k[:1], k[:1].clone(), 4, 2),
+         ValueError, "k_cache")
+    _bad(lambda: qkv_rope(x, torch.randn(8 * 16, 8, **f32), pos, table, k[:1], k[:1].clone(), 4, 2),
+         ValueError, "k_cache")
+    # both caches are read with k_cache's strides: a v_cache view with other strides is refused
+    q = torch.randn(2, 4, 16, **f32)
+    _bad(lambda: decode_attention(q, k, torch.randn(2, 2, 32, 32, **f32)[..., :16], pos), ValueError, "v_cache")
+    # the merge reads l at m's offsets: an l of another shape is refused
+    m, l, acc = torch.zeros(2, 4, 3, **f32), torch.ones(2, 4, 3, **f32), torch.zeros(2, 4, 3, 8, **f32)
+    _bad(lambda: attention_out_proj(m, l[:, :, :2].contiguous(), acc, torch.ones(16, 32, **f32),
+                                    torch.zeros(2, 16, **f32)), ValueError, "m, l must be")
+    # caches that share a single element (the last of k is the first of v) overlap
+    n = 2 * 2 * 32 * 16
+    flat = torch.zeros(2 * n - 1, **f32)
+    _bad(lambda: rope_cache_update(torch.randn(2, 8 * 16, **f32), pos, table, flat[:n].view(k.shape),
+                                   flat[n - 1:].view(k.shape), 4, 2), ValueError, "overlap in memory")
+    # an odd head dim has no rotation pairs: refused even when the widths agree
+    k15 = torch.randn(2, 2, 32, 15, **f32)
+    _bad(lambda: rope_cache_update(torch.randn(2, 8 * 15, **f32), pos, torch.zeros(32, 15, **f32), k15,
+                                   k15.clone(), 4, 2), ValueError, "even Dh")
 
 
 def test_launchers_on_a_cpu_without_the_interpreter_say_so(monkeypatch):

@@ -171,6 +171,57 @@ def test_greedy_is_argmax_with_lowest_id_on_ties(block, splits):
     assert torch.equal(out.tokens, sample_reference(logits, spec, controls).tokens)
 
 
+@pytest.mark.parametrize("splits", [1, 2])
+def test_a_tile_of_control_tokens_only(splits):
+    # Special tokens often sit at the end of the vocabulary: here the last tile holds only control tokens.
+    # Its partial has no ordinary token and must add nothing (not NaN) to the probabilities and the draw.
+    V, B = 130, 6
+    spec = RefusalSpec([5, 128], respond_id=129)
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.randn(B, V, generator=gen) * 3
+    logits[:, [128, 129]] += 2.0
+    controls = RefusalControls.build(
+        B, 2, DEVICE, thresholds=0.3, mode=torch.tensor([0, 1, 2, 0, 1, 2]).int(),
+        temperature=torch.tensor([0.0, 0.7, 1.0, 0.0, 1.3, 0.5]),
+        first_step=torch.tensor([True, True, True, False, False, False]), seed=torch.arange(B) * 31 + 1)
+    logits = logits.to(DEVICE)
+    out = kernel(logits, spec, controls, block=128, splits=splits)
+    assert not torch.isnan(out.refusal_probs).any() and (out.tokens >= 0).all()
+    assert_matches_reference(logits, spec, controls, out)
+
+
+def test_greedy_ties_between_control_tokens_take_the_lowest_id():
+    # free first step at temperature 0: two control tokens tie at the top; lowest id wins, as among ordinary ones
+    spec = RefusalSpec([100, 5], respond_id=3)
+    logits = torch.randn(3, 300, generator=torch.Generator().manual_seed(12))
+    logits[0, [100, 5]] = 30.0
+    logits[1, [100, 3]] = 30.0
+    logits[2, [3, 5, 100]] = 30.0
+    logits = logits.to(DEVICE)
+    controls = RefusalControls.build(3, 2, DEVICE, temperature=0.0, mode="free", first_step=True)
+    out = kernel(logits, spec, controls)
+    assert out.tokens.tolist() == [5, 3, 3]
+    assert out.refused.tolist() == [1, -1, -1]
+    assert torch.equal(out.tokens, sample_reference(logits, spec, controls).tokens)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_zero_uniform_draw_skips_leading_tiles_without_mass(splits):
+    # u = 0 must land on the first token with weight. With 16-token tiles the leading tiles here have no
+    # mass (masked out, or at -inf), so the scan over tile masses must skip a tile whose mass is still 0.
+    seed = 19389801                    # row_uniform(seed, position 0) == 0 exactly
+    assert row_uniform(torch.tensor([seed]), torch.tensor([0])).tolist() == [0.0]
+    spec = RefusalSpec([70])
+    logits = torch.randn(2, 80, generator=torch.Generator().manual_seed(13))
+    logits[1, :32] = float("-inf")
+    allowed = torch.ones(2, 80, dtype=torch.bool)
+    allowed[0, :21] = False
+    controls = RefusalControls.build(2, 1, DEVICE, first_step=False, temperature=0.8, seed=seed,
+                                     vocab_mask=pack_vocab_mask(allowed))
+    out = kernel(logits.to(DEVICE), spec, controls, block=16, splits=splits)
+    assert out.tokens.tolist() == [21, 32]
+
+
 def refusal_controls(B, mode, thr, **kw):
     return RefusalControls.build(B, 2, DEVICE, thresholds=thr, mode=mode, **kw)
 
@@ -436,3 +487,13 @@ def test_greedy_with_all_allowed_at_minus_inf_is_invalid():
                                      vocab_mask=pack_vocab_mask(allowed))
     out = kernel(z.to(DEVICE), spec, controls)
     assert out.tokens.tolist() == [-1] and out.refused.tolist() == [-2]
+
+
+@pytest.mark.parametrize("bad_id", [-1, 40])
+def test_raw_launcher_treats_ids_just_outside_the_vocabulary_as_invalid(bad_id):
+    # the bounds are [0, V): id V (one past the last logit) must not be read as a control token
+    args = _launch_args()
+    assert args["logits"].shape[1] == 40
+    args["ctl_ids"] = torch.tensor([3, 5, bad_id], dtype=torch.int32, device=DEVICE)
+    refusal_sample_launch(**args)
+    assert args["tokens"].tolist() == [-1, -1] and args["refused"].tolist() == [-2, -2]

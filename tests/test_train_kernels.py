@@ -76,6 +76,49 @@ def test_silu_mul_forward_and_backward_match_torch(dtype, shape):
         torch.testing.assert_close(got, want, **TOL[dtype])
 
 
+@pytest.mark.parametrize("op", ["rms_norm", "silu_mul"])
+def test_kernels_take_transposed_inputs_and_gradients(op):
+    # The kernels index rows by one stride and columns with unit stride. A transposed input, and the
+    # transposed gradient autograd hands back through a .t() (strides (1, M)), must be made contiguous
+    # first, or the kernels read the wrong elements of valid memory.
+    M, D = 6, 40
+    fn, ref = ((lambda a, b: rms_norm(a, b, 1e-5)), (lambda a, b: _rms_torch(a, b, 1e-5))) if op == "rms_norm" \
+        else (silu_mul, lambda a, b: F.silu(a) * b)
+    a = _leaf((D, M), torch.float32, 8, scale=3.0)
+    b = _leaf((D,) if op == "rms_norm" else (D, M), torch.float32, 9)
+    dyt = torch.randn(D, M, generator=torch.Generator().manual_seed(10)).to(DEVICE)
+    second = (lambda t: t) if op == "rms_norm" else (lambda t: t.t())
+    results = []
+    for f in (fn, ref):
+        out = f(a.t(), second(b))
+        (out.t() * dyt).sum().backward()          # d out = dyt.t(): not contiguous
+        results.append((out.detach(), a.grad.clone(), b.grad.clone()))
+        a.grad = b.grad = None
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+def test_rms_norm_backward_rounds_dx_to_nearest():
+    # dx is computed in float32 and rounded once to bfloat16, to nearest even like torch (the interpreter's
+    # plain conversion truncates): it agrees with the float64 gradient rounded to bfloat16 except near ties
+    x, w = _leaf((4, 300), torch.bfloat16, 14, scale=3.0), _leaf((300,), torch.bfloat16, 15)
+    dy = torch.randn(4, 300, generator=torch.Generator().manual_seed(16)).to(DEVICE).to(torch.bfloat16)
+    _, (dx, _) = _grads(lambda a, b: rms_norm(a, b, 1e-5), x, w, dy=dy)
+    x64 = x.detach().double().requires_grad_()
+    (w.detach().double() * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)).backward(dy.double())
+    assert (dx != x64.grad.to(torch.bfloat16)).float().mean().item() < 0.02
+
+
+def test_silu_mul_backward_rounds_like_torch():
+    # du = dy * silu(g) with silu(g) rounded to bfloat16 first, as torch's unfused silu(g) * u saves it;
+    # both round at the same points, so du agrees to the bit (dg is rounded once here, several times in torch)
+    g, u = _leaf((4, 300), torch.bfloat16, 11, scale=3.0), _leaf((4, 300), torch.bfloat16, 12)
+    dy = torch.randn(4, 300, generator=torch.Generator().manual_seed(13)).to(DEVICE).to(torch.bfloat16)
+    _, (_, du) = _grads(silu_mul, g, u, dy=dy)
+    _, (_, du_ref) = _grads(lambda a, b: F.silu(a) * b, g, u, dy=dy)
+    assert (du != du_ref).float().mean().item() < 0.01
+
+
 def test_silu_mul_rejects_mismatched_inputs():
     a = torch.zeros(2, 3, device=DEVICE)
     with pytest.raises(ValueError, match="one shape, dtype and device"):
