@@ -322,14 +322,15 @@ def test_batch_of_unequal_budgets_fits_each_request(loaded):
     assert [r.tokens for r in got] == [r.tokens for r in alone]
 
 
-def test_engine_without_tokenizer_stops_at_the_models_eos(loaded, monkeypatch):
+@pytest.mark.parametrize("ids_of", [list, tuple])
+def test_engine_without_tokenizer_stops_at_the_models_eos(loaded, monkeypatch, ids_of):
     model, tok, _ = loaded
     spec = Engine(model, tok).spec
     ids = tok.encode("hello world")
     params = SamplingParams(max_new_tokens=12, thresholds=2.0, ignore_eos=True)
     free = Engine(model, None, spec).generate([ids], params)[0].tokens
     stop_at = next(i for i, t in enumerate(free) if i > 1 and t not in spec.control_ids)
-    monkeypatch.setattr(model.args, "eos_token_id", [free[stop_at]])  # a token this model will produce
+    monkeypatch.setattr(model.args, "eos_token_id", ids_of([free[stop_at]]))  # a token this model will produce
     r = Engine(model, None, spec).generate([ids], SamplingParams(max_new_tokens=12, thresholds=2.0))[0]
     first = free.index(free[stop_at])
     assert r.finish_reason == "eos" and r.tokens == free[:first + 1]
@@ -459,3 +460,101 @@ def test_max_batch_caps_the_batch(loaded):
     alone = [engine.generate([q], p)[0] for q, p in zip(prompts, params)]
     _same(engine.generate(prompts[:3], params[:3]), alone[:3])
     _same(engine.generate(prompts, params), alone)   # chunks of 3 and 2
+
+
+# -- edges of the engine (each test kills a surviving engine.py mutation) --
+
+def test_text_leaves_out_an_eos_that_is_an_ordinary_token(engine, loaded, monkeypatch):
+    # an eos id that the tokenizer does not treat as special (a config's extra eos) still stays out of the text
+    tok = loaded[1]
+    ids = engine.encode("hello world")
+    free = engine.generate([ids], SamplingParams(max_new_tokens=8, thresholds=2.0, ignore_eos=True))[0]
+    produced = next(t for t in free.tokens[2:] if tok.decode([t], skip_special_tokens=True))
+    monkeypatch.setattr(tok, "eos_ids", tok.eos_ids + [produced])
+    r = engine.generate([ids], SamplingParams(max_new_tokens=8, thresholds=2.0))[0]
+    assert r.finish_reason == "eos" and r.tokens[-1] == produced
+    assert r.text == tok.decode(r.tokens[1:-1], skip_special_tokens=True)
+    assert r.text != tok.decode(r.tokens[1:], skip_special_tokens=True)
+
+
+def test_the_earliest_of_several_stop_strings_cuts_even_after_eos(loaded, monkeypatch):
+    model, tok, _ = loaded
+    engine = Engine(model, tok, max_batch=4, check_every=64)
+    p = dict(temperature=1.0, seed=7, thresholds=2.0, max_new_tokens=16)
+    base = engine.generate(["hello world"], SamplingParams(**p, ignore_eos=True))[0]
+    early, late = base.text[1:3], base.text[len(base.text) // 2:][:2]
+    assert base.text.find(early) < base.text.find(late)
+    # the stop strings listed latest-first; the text also ends on an eos after the late one
+    monkeypatch.setattr(tok, "eos_ids", tok.eos_ids + [base.tokens[-1]])
+    first_eos = base.tokens.index(base.tokens[-1])
+    assert tok.decode(base.tokens[:first_eos]).find(late) >= 0, "the eos must come after both stop strings"
+    cut = engine.generate(["hello world"], SamplingParams(**p, stop=[late, early]))[0]
+    assert cut.finish_reason == "stop" and cut.text == base.text[:base.text.find(early)]
+    assert len(cut.tokens) < first_eos + 1 and cut.tokens == base.tokens[:len(cut.tokens)]
+
+
+def test_prompt_plus_budget_may_not_pass_the_context(loaded):
+    model, tok, _ = loaded
+    engine = Engine(model, tok, max_batch=1)
+    limit = model.args.max_position_embeddings
+    ids = [5 + i % 200 for i in range(limit - 4)]
+    with pytest.raises(ValueError, match=f"prompt \\+ max_new_tokens = {limit + 1} exceeds"):
+        engine.generate([ids], SamplingParams(max_new_tokens=5, thresholds=2.0))
+    r = engine.generate([ids], SamplingParams(max_new_tokens=4, thresholds=2.0, ignore_eos=True))[0]
+    assert len(r.tokens) == 4
+
+
+def test_chat_flag_picks_the_encoding(engine, loaded):
+    tok = loaded[1]
+    plain, chat = engine.encode("hello world", chat=False), engine.encode("hello world")
+    assert plain == tok.encode("hello world")
+    assert chat == tok.apply_chat_template([{"role": "user", "content": "hello world"}]) and chat != plain
+    p = SamplingParams(max_new_tokens=3, thresholds=2.0)
+    assert engine.generate(["hello world"], p, chat=False)[0].tokens == engine.generate([plain], p)[0].tokens
+    with pytest.raises(ValueError, match=r"prompts \[1\] encode to no tokens"):
+        engine.generate(["hello", ""], p, chat=False)
+
+
+def test_engine_replaces_a_cache_it_did_not_make(loaded):
+    # a cache set up by someone else (big enough, but for one row) is not the engine's to reuse
+    model, tok, _ = loaded
+    engine = Engine(model, tok, max_batch=4, check_every=3)
+    p = SamplingParams(max_new_tokens=4, thresholds=2.0)
+    want = engine.generate(PROMPTS, p)
+    model.setup_cache(1, 512)
+    _same(engine.generate(PROMPTS, p), want)
+
+
+@pytest.mark.parametrize("prompt,match", [
+    ([320], r"token-id prompts must be non-empty ids in \[0, 320\)"),
+    ([5, -1], r"token-id prompts must be non-empty ids in \[0, 320\)"),
+])
+def test_token_ids_outside_the_vocab_raise(engine, prompt, match):
+    with pytest.raises(ValueError, match=match):
+        engine.generate([prompt])
+
+
+def test_more_sampling_params_checks():
+    assert SamplingParams(stop="ab").stop == ("ab",)   # one string is one stop string, not its characters
+    with pytest.raises(TypeError, match=r"ignore_eos must be a bool, got 1"):
+        SamplingParams(ignore_eos=1)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(compile="yes"), TypeError, r"compile must be a bool, got 'yes'"),
+    (dict(cuda_graphs=1), TypeError, r"cuda_graphs must be a bool, got 1"),
+] + ([] if ON_GPU else [(dict(cuda_graphs=True), ValueError, r"cuda_graphs needs the model on CUDA, got cpu")]))
+def test_more_bad_engine_arguments_raise(loaded, kwargs, exc, match):
+    model, tok, _ = loaded
+    with pytest.raises(exc, match=match):
+        Engine(model, tok, **kwargs)
+
+
+def test_text_leaves_out_control_tokens_that_are_ordinary_words(loaded):
+    # control tokens may be plain vocabulary entries (decode's skip_special_tokens does not drop those)
+    model, tok, _ = loaded
+    words = list(dict.fromkeys(tok.encode("hello world please")))
+    spec = rtkern.RefusalSpec((words[0],), respond_id=words[1])
+    r = Engine(model, tok, spec).generate(["hello"], SamplingParams(max_new_tokens=5, thresholds=2.0))[0]
+    assert r.tokens[0] == spec.respond_id and tok.decode([spec.respond_id], skip_special_tokens=True)
+    assert r.text == tok.decode(r.tokens[1:], skip_special_tokens=True)

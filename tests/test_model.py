@@ -340,3 +340,72 @@ def test_rope_freq_factors_must_cover_half_the_head():
     factors = tuple(float(i + 1) for i in range(8))
     torch.testing.assert_close(rope_inv_freq(dataclasses.replace(args, rope_freq_factors=factors)),
                                rope_inv_freq(args) / torch.tensor(factors), atol=0, rtol=1e-6)
+
+
+# -- edges of the forward path (each test kills a surviving model.py mutation) --
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("eps", [1e-6, 0.5])
+def test_rmsnorm_is_bit_equal_to_transformers(dtype, eps):
+    # same op order as LlamaRMSNorm: float32 statistics, the input dtype before the weight multiply, the
+    # configured epsilon (0.5 dominates mean(x^2) ~ 0.09 here, so an ignored or fixed epsilon shows)
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from rtkern.model import RMSNorm
+    g = torch.Generator().manual_seed(8)
+    x = (torch.randn(3, 5, 64, generator=g) * 0.3).to(dtype)
+    w = torch.empty(64).uniform_(0.5, 1.5, generator=g)
+    ours, ref = RMSNorm(64, eps), LlamaRMSNorm(64, eps=eps)
+    with torch.no_grad():
+        ours.weight.copy_(w)
+        ref.weight.copy_(w)
+        ours, ref = ours.to(dtype), ref.to(dtype)
+        got, want = ours(x), ref(x)
+    assert got.dtype == want.dtype == dtype
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("edge", ["low", "high"])
+def test_llama3_inv_freq_on_the_band_edges_matches_transformers(edge):
+    # original_max_position_embeddings put exactly on one frequency's wavelength (low band edge: /low_freq_factor,
+    # high: /high_freq_factor): the edges belong to the smoothed band, as in transformers
+    import math
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    plain = ModelArgs(dim=256, n_heads=2, rope_theta=500000.0)
+    wavelen = 2 * math.pi / rope_inv_freq(plain)
+    old_ctx = float(wavelen[20]) * (1.0 if edge == "low" else 4.0)   # exact in float32 either way
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": old_ctx}
+    cfg = transformers.LlamaConfig(hidden_size=256, num_attention_heads=2, rope_theta=500000.0,
+                                   rope_scaling=dict(scaling))
+    ref, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    ours = rope_inv_freq(dataclasses.replace(plain, rope_scaling=scaling))
+    torch.testing.assert_close(ours, ref.float(), atol=0, rtol=1e-6)
+
+
+def test_one_token_sequences_match_hf(pair):
+    # T == 1 without a cache (training) and as a fresh cached prefill takes the causal path, not the decode one
+    hf, ours = pair
+    tokens = torch.tensor([[7], [42]])
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        torch.testing.assert_close(ours(tokens), ref, atol=ATOL, rtol=RTOL)
+        ours.setup_cache(2, 8, torch.float32, "cpu")
+        try:
+            torch.testing.assert_close(ours(tokens), ref, atol=ATOL, rtol=RTOL)
+            torch.testing.assert_close(ours(tokens[:, :1], torch.arange(1)), ref, atol=ATOL, rtol=RTOL)
+        finally:
+            ours.remove_cache()
+
+
+def test_attn_mask_is_refused_with_a_cache():
+    m = _tiny_model()
+    tokens = torch.tensor([[1, 2, 3]])
+    mask = torch.ones(1, 3, 3, dtype=torch.bool).tril()
+    with torch.no_grad():
+        torch.testing.assert_close(m(tokens, attn_mask=mask), m(tokens), atol=1e-6, rtol=1e-6)
+        m.setup_cache(1, 8)
+        try:
+            with pytest.raises(ValueError, match="attn_mask is for training without a KV cache"):
+                m(tokens, attn_mask=mask)
+        finally:
+            m.remove_cache()

@@ -602,3 +602,60 @@ def test_interpreter_incompatibility_names_the_versions(monkeypatch):
     monkeypatch.setattr(triton, "__version__", "3.7.0+git1234")
     monkeypatch.setattr(np, "__version__", "2.4.1")
     assert interpreter_incompatibility() is None
+
+
+# -- wiring of the decode step (each test kills a surviving fused_decode.py / engine.py mutation) --
+
+def _step_pair(model, tokens, pos):
+    """(fused step, reference step) logits for one decode step; both write the same k/v at ``pos``."""
+    want = model(tokens[:, None], pos[:, None])[:, -1]
+    return fused_decode.decode_step(model, tokens, pos), want
+
+
+@pytest.mark.parametrize("one_launch", [False, True], ids=["separate", "one-launch"])
+@torch.no_grad()
+def test_fused_decode_step_uses_the_models_norm_eps(one_launch, monkeypatch):
+    # eps 0.05 against mean(x^2) ~ 0.02 of the embeddings: the kernels' default 1e-5 would be far off
+    monkeypatch.setattr(fused_decode, "QKV_ROPE_MAX_SLICE_BYTES", 1 << 30 if one_launch else 0)
+    monkeypatch.setattr(fused_decode, "MERGE_IN_O_PROJ_MAX_BYTES", 1 << 30 if one_launch else 0)
+    model = _tiny(4, n_layers=1, norm_eps=0.05)
+    tokens = torch.randint(0, 111, (2, 6), generator=_gen(4), device=DEVICE)
+    model.setup_cache(2, 16)
+    fused_decode.prepare(model)
+    model(tokens[:, :5])
+    got, want = _step_pair(model, tokens[:, 5], torch.tensor([5, 5], device=DEVICE))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_prepare_follows_the_cache_to_its_last_slot():
+    model = _tiny(5, n_layers=1)
+    with pytest.raises(ValueError, match="needs a KV cache: call model.setup_cache first"):
+        fused_decode.prepare(model)
+    model.setup_cache(2, 8)
+    fused_decode.prepare(model)
+    model.setup_cache(2, 24)
+    assert fused_decode.prepare(model)   # a new RoPE table for the bigger cache (a captured graph holds the old)
+    tokens = torch.randint(0, 111, (2, 24), generator=_gen(5), device=DEVICE)
+    model(tokens[:, :21])
+    pos = torch.tensor([21, 18], device=DEVICE)
+    for _ in range(3):   # up to the cache's last slot, past the first cache's table
+        got, want = _step_pair(model, tokens[torch.arange(2), pos], pos)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        pos += 1
+    assert int(pos[0]) == 24
+
+
+def test_triton_engine_sees_weights_replaced_between_requests():
+    model = _tiny(6, n_layers=1)
+    spec = RefusalSpec((107, 108), respond_id=109)
+    prompts = [[1, 2, 3, 4], [7, 8, 9]]
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True, thresholds=2.0)
+    engine = Engine(model, None, spec, max_batch=2, kernels="triton")
+    before = [r.tokens for r in engine.generate(prompts, params)]
+    attn = model.layers[0].self_attn
+    attn.v_proj.weight = torch.nn.Parameter(torch.randn_like(attn.v_proj.weight) * 0.5)   # replaced, not updated
+    got = [r.tokens for r in engine.generate(prompts, params)]
+    want = [r.tokens for r in Engine(model, None, spec, max_batch=2).generate(prompts, params)]
+    assert want != before, "the new weight must change the greedy tokens"
+    assert got == want
