@@ -222,6 +222,26 @@ def test_zero_uniform_draw_skips_leading_tiles_without_mass(splits):
     assert out.tokens.tolist() == [21, 32]
 
 
+def test_largest_uniform_draw_lands_on_the_last_allowed_token():
+    # u = 1 - 2**-24 puts the target within an ulp of the row's mass. Stage 1 sums a tile as a tree and
+    # stage 2 re-reads it as a running sum, so the running sum can stop short of the target (it does on
+    # the interpreter for these logits): the in-tile search must then fall back to the last token with
+    # weight, which is also the exact inverse-CDF answer, never to the tile's argmax.
+    seed = 49214909                    # row_uniform(seed, position 0) == 1 - 2**-24
+    assert row_uniform(torch.tensor([seed]), torch.tensor([0])).tolist() == [1 - 2**-24]
+    V = 4000
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(3)) * 0.5
+    spec = RefusalSpec([0])
+    allowed = torch.ones(3, V, dtype=torch.bool)
+    allowed[1, -5:] = False
+    logits[2, -7:] = float("-inf")
+    controls = RefusalControls.build(3, 1, DEVICE, first_step=False, temperature=1.0, seed=seed,
+                                     vocab_mask=pack_vocab_mask(allowed))
+    out = kernel(logits.to(DEVICE), spec, controls)
+    assert out.tokens.tolist() == [V - 1, V - 6, V - 8]
+    assert torch.equal(out.tokens, sample_reference(logits.to(DEVICE), spec, controls).tokens)
+
+
 def refusal_controls(B, mode, thr, **kw):
     return RefusalControls.build(B, 2, DEVICE, thresholds=thr, mode=mode, **kw)
 
