@@ -469,3 +469,38 @@ def test_greedy_text_matches_rtkern_engine(ckpt):
     for row, res in enumerate(results):
         assert res.tokens == ckpt["hf_tokens"][row].tolist(), f"prompt {TEXTS[row]!r}"
         assert res.refused == int(proc.refused[row])
+
+
+def test_direct_calls_mode_and_shape_bookkeeping():
+    g = torch.Generator().manual_seed(6)
+    scores = torch.randn(2, V, generator=g)
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    # sum rows are decided now, never PENDING; free rows wait for the drawn token.
+    proc = RefusalLogitsProcessor(SPEC, thresholds=0.0, mode=["sum", "free"], prompt_length=4)
+    proc(ids, scores)
+    assert proc.refused[0] in (0, 1, 2) and proc.refused[1] == PENDING
+    # A later call with another number of rows cannot resolve the pending row (no row to read it from).
+    proc(torch.zeros(3, 5, dtype=torch.long), torch.randn(3, V, generator=g))
+    assert proc.refused[1] == PENDING
+    # Per-prompt logit_bias alone sets the number of prompts.
+    bias = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 5.0]])
+    p = RefusalLogitsProcessor(SPEC, thresholds=0.0, logit_bias=bias, prompt_length=4)
+    p(ids, scores)
+    torch.testing.assert_close(p.refusal_probs, refusal_probs(scores, SPEC, logit_bias=bias))
+
+
+def test_bad_modes_prompt_length_and_call_arguments(tmp_path):
+    from rtkern.thresholds import save_thresholds
+    path = save_thresholds(tmp_path / "t.json", {n: 0.3 for n in NAMES}, mode="sum")
+    with pytest.raises(ValueError, match="disagrees with the thresholds file's mode 'sum'"):
+        RefusalLogitsProcessor(SPEC, thresholds=path, mode=["sum", "category"])
+    RefusalLogitsProcessor(SPEC, thresholds=path, mode=["sum", "sum"])
+    with pytest.raises(TypeError, match="non-empty sequence"):
+        RefusalLogitsProcessor(SPEC, mode=[])
+    with pytest.raises(ValueError, match="prompt_length"):
+        RefusalLogitsProcessor(SPEC, prompt_length=True)
+    proc = RefusalLogitsProcessor(SPEC)
+    with pytest.raises(ValueError, match="same R"):
+        proc(torch.zeros(2, 4, dtype=torch.long), torch.zeros(3, V))
+    with pytest.raises(TypeError, match="must be tensors"):
+        proc([[0, 1]], torch.zeros(1, V))

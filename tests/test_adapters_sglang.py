@@ -122,3 +122,14 @@ def test_processor_default_mode_and_logit_bias_reach_the_rows():
     got = rs.make_logit_processor(SPEC, thresholds=0.0)()(z.clone(), [req(refusal_extra=1, other=2), req(3)])
     torch.testing.assert_close(got[0], one_row(z[0], thresholds=0.0)[0])
     torch.testing.assert_close(got[1], masked(z[1]))
+
+
+def test_missing_custom_params_warn_once_and_default_mode_must_be_one_string(caplog):
+    proc = rs.make_logit_processor(SPEC)()
+    rs.RefusalLogitProcessor._warned = False
+    with caplog.at_level(logging.WARNING, logger="rtkern.adapters.sglang"):
+        for _ in range(3):
+            proc(make_logits(2), [None, {}])
+    assert sum("custom_params={}" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(TypeError, match="one string"):
+        rs.make_logit_processor(SPEC, mode=["category"])

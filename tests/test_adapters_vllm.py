@@ -325,3 +325,64 @@ def test_default_logit_bias_mode_and_fallback_reach_the_rows(caplog):
         torch.testing.assert_close(got[i], one_row(z[i], thresholds=0.0, logit_bias=[0.0, 0.0, 1.0])[0])
     assert "ignoring bad refusal arguments" in caplog.text
     assert rv.RefusalBatchState(SPEC, pin_memory=True).pin_memory is False   # no pinning for CPU logits
+
+
+def test_request_controls_tensor_and_sequence_forms():
+    rc = rv.request_controls
+    # Integer tensors are real-valued; bool tensors, byte strings and mixed nestings are not.
+    assert rc(SPEC, None, thresholds=torch.tensor([0, 2, 2]))[0] == [0.0, 2.0, 2.0]
+    assert rc(SPEC, {"refusal_logit_bias": torch.tensor([1, 0, -1], dtype=torch.int32)})[1] == [1.0, 0.0, -1.0]
+    with pytest.raises(TypeError, match="real-valued tensor"):
+        rc(SPEC, {"refusal_thresholds": torch.tensor([True, False, True])})
+    with pytest.raises(TypeError, match="got a string"):
+        rc(SPEC, {"refusal_thresholds": b"\x00\x01\x01"})      # three ints if taken as a sequence
+    with pytest.raises(TypeError, match="real numbers"):
+        rc(SPEC, {"refusal_thresholds": [[0.1, 0.2, 0.3], 0.5]})
+
+
+def test_optional_base_keeps_any_import_error(tmp_path, monkeypatch):
+    from rtkern.adapters._common import optional_base
+    (tmp_path / "rtkern_broken_runtime.py").write_text("raise RuntimeError('no CUDA driver')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base, err = optional_base("rtkern_broken_runtime", "LogitsProcessor")
+    assert base is object and isinstance(err, RuntimeError) and "no CUDA driver" in str(err)
+    base, err = optional_base("rtkern_no_such_runtime", "LogitsProcessor")
+    assert base is object and isinstance(err, ImportError)
+    assert optional_base("collections", "OrderedDict")[1] is None
+
+
+def test_move_and_add_edge_cases_in_one_update():
+    st = rv.RefusalBatchState(SPEC, thresholds=0.0)             # every decided row refuses
+    # vLLM applies added before moved: a request added at row 2 and moved on to row 3 decides at row 3.
+    st.update(batch_update(4, added=[(2, params(), None, [])], moved=[(2, 3, MoveDirectionality.UNIDIRECTIONAL)]))
+    assert sorted(st.requests) == [3]
+    # A unidirectional move from an empty row onto a waiting row leaves neither row governed.
+    st.add(1, params(), [])
+    st.move(0, 1, False)
+    assert sorted(st.requests) == [3]
+    z = make_logits(4, seed=8)
+    got = st.apply(z.clone())
+    assert st.last_rows.tolist() == [3] and got[3].argmax() in REFUSE
+    torch.testing.assert_close(got[:3], torch.stack([masked(r) for r in z[:3]]))
+    # Directions given as plain strings are read by name too: a swap keeps both requests.
+    st.update(batch_update(4, added=[(0, params(), None, [5]), (1, params(), None, [])],
+                           moved=[(0, 1, "MoveDirectionality.swap")]))
+    assert sorted(st.requests) == [0, 1, 3] and st.requests[1].output_ids == [5]
+    with pytest.raises(TypeError, match="unrecognised BatchUpdate.added entry"):
+        st.update(batch_update(4, added=[("a", None, params(), [])]))
+
+
+def test_unbound_processor_validation_and_factory_arguments(tmp_path):
+    with pytest.raises(ValueError, match="extra_args must be a mapping"):
+        rv.RefusalLogitsProcessor.validate_params(SimpleNamespace(extra_args=[("refusal_mode", "sum")]))
+    rv.RefusalLogitsProcessor.validate_params(params(refusal_thresholds=(0.3,)))   # a tuple: one category
+    with pytest.raises(ValueError, match="mode must be one of"):
+        rv.make_logits_processor(mode="strict")
+    with pytest.raises(ValueError, match="backend"):
+        rv.make_logits_processor(SPEC, backend="cuda")
+    # The tokenizer path wins over the model path (a model without its own tokenizer files).
+    from rtkern.spec import control_token_strings
+    from tiny import save_tokenizer
+    save_tokenizer(tmp_path, control=control_token_strings("category")[0] + ["[respond]"])
+    cfg = SimpleNamespace(model_config=SimpleNamespace(tokenizer=str(tmp_path), model=str(tmp_path / "missing")))
+    assert rv._spec_from_vllm_config(cfg, None).num_categories == 5
