@@ -301,7 +301,8 @@ def test_logits_index_picks_one_position_per_row():
     with torch.no_grad():
         full = m(tokens)
         want = full[torch.arange(3), idx]
-        torch.testing.assert_close(m(tokens, logits_index=idx), want, atol=0, rtol=0)
+        # Not bit-equal: BLAS may pick another kernel for 3 rows than for 21 (it does on some CPUs).
+        torch.testing.assert_close(m(tokens, logits_index=idx), want, atol=1e-6, rtol=1e-6)
         m.setup_cache(3, 16)
         try:  # a cached prefill
             torch.testing.assert_close(m(tokens, torch.arange(7), logits_index=idx), want, atol=1e-6, rtol=1e-6)
