@@ -66,6 +66,8 @@ register_lazy(("generate",), "generate text with refusal control; prints answers
               ".generate_cli")
 register_lazy(("train",), "SFT with refusal tokens (control token as the first assistant token; HF checkpoints)",
               ".train.cli")
+register_lazy(("average",), "average the weights of fine-tuned checkpoints of one base (a model soup)",
+              ".train.average")
 register_lazy(("calibrate",), "score labelled prompts, choose refusal thresholds, write report + thresholds.json",
               ".calibrate_cli")
 

@@ -1,0 +1,92 @@
+"""Weight averaging of fine-tuned checkpoints ("model soup", Wortsman et al. 2022): ``rtkern average``.
+
+Runs of one recipe that differ only in data order land on operating points several points apart
+(train/RESULTS.md); the average of their weights sits between them and keeps the per-category
+separation. Every input must be a checkpoint written by ``rtkern train`` from the same base: same
+architecture, same vocabulary size and the same control tokens, else a ``ValueError`` names the file.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..argtypes import finite_float
+from .checkpoint import load_control_tokens, save_checkpoint
+
+
+def average_checkpoints(paths: Sequence, out, *, weights: Optional[Sequence[float]] = None) -> Path:
+    """Write the weighted mean of the checkpoints' weights to ``out`` (a checkpoint directory).
+
+    Parameters
+    ----------
+    paths : sequence of str or Path
+        Two or more ``rtkern train`` checkpoint directories of one base model.
+    out : str or Path
+        Output directory (written atomically; an existing one is replaced). The tokenizer, config and
+        control tokens are the first checkpoint's, the dtype is the first checkpoint's.
+    weights : sequence of float, optional
+        One positive weight per checkpoint (normalised to sum 1); default equal weights.
+
+    Returns
+    -------
+    Path
+        ``out``.
+    """
+    from ..loader import load_model
+
+    paths = [Path(p) for p in paths]
+    if len(paths) < 2:
+        raise ValueError(f"averaging needs at least two checkpoints, got {len(paths)}")
+    w = _normalised(weights, len(paths))
+    if Path(out).resolve() in {p.resolve() for p in paths}:
+        raise ValueError(f"--out {out} is one of the inputs; write the average elsewhere")
+    model, tok = load_model(paths[0], device="cpu")
+    control = load_control_tokens(paths[0])
+    first = model.state_dict()
+    acc = {k: v.float() * w[0] for k, v in first.items()}
+    for path, wi in zip(paths[1:], w[1:]):
+        other, _ = load_model(path, device="cpu")
+        _check_same(paths[0], path, model, other, control)
+        for k, v in other.state_dict().items():
+            acc[k] += v.float() * wi
+        del other
+    with torch.no_grad():
+        model.load_state_dict({k: v.to(first[k].dtype) for k, v in acc.items()})
+    return save_checkpoint(out, model, tok, control)
+
+
+def _normalised(weights, n: int) -> list[float]:
+    if weights is None:
+        return [1.0 / n] * n
+    w = list(weights)
+    if len(w) != n:
+        raise ValueError(f"expected one weight per checkpoint ({n}), got {len(w)}")
+    if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0 for x in w):
+        raise ValueError(f"weights must be finite and positive, got {w}")
+    return [x / sum(w) for x in w]
+
+
+def _check_same(ref_path: Path, path: Path, ref, other, control) -> None:
+    if other.args != ref.args:
+        diff = {k: (v, getattr(other.args, k)) for k, v in vars(ref.args).items() if getattr(other.args, k) != v}
+        raise ValueError(f"{path}: architecture differs from {ref_path} as (first, this): {diff}")
+    theirs = load_control_tokens(path)
+    if theirs != control:
+        raise ValueError(f"{path}: control tokens differ from {ref_path}: {theirs} vs {control}")
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoints", nargs="+", type=Path, help="two or more rtkern train checkpoint directories")
+    p.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
+    p.add_argument("--weights", type=finite_float(0.0, strict=True), nargs="+", default=None,
+                   help="one positive weight per checkpoint (default: equal)")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = average_checkpoints(args.checkpoints, args.out, weights=args.weights)
+    print(f"rtkern average: mean of {len(args.checkpoints)} checkpoints written to {out}")
+    return 0
