@@ -18,7 +18,7 @@ def _one_thread():
         yield
 
 
-def _run(tmp_path, name, *, seed, tie=True, layers=2, scheme="category"):
+def _run(tmp_path, name, *, seed, tie=True, layers=2, scheme="category", dtype=torch.float32):
     """A 'fine-tuned' checkpoint: a base plus control tokens, its weights moved by a seeded step."""
     model, tok = load_model(make_base(tmp_path / "base", tie=tie, layers=layers), device="cpu", dtype=torch.float32)
     ctrl = add_control_tokens(model, tok, scheme)
@@ -26,7 +26,7 @@ def _run(tmp_path, name, *, seed, tie=True, layers=2, scheme="category"):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return ck.save_checkpoint(tmp_path / name, model, tok, ctrl)
+    return ck.save_checkpoint(tmp_path / name, model.to(dtype), tok, ctrl)
 
 
 def _weights(d):
@@ -48,6 +48,16 @@ def test_average_is_the_weighted_mean_and_keeps_tokens_and_tying(tmp_path, tie, 
     assert not torch.equal(got["layers.0.mlp.up_proj.weight"], sa["layers.0.mlp.up_proj.weight"])
     assert (m.lm_head.weight is m.embed_tokens.weight) == tie
     assert ck.load_control_tokens(out) == ck.load_control_tokens(a)
+
+
+def test_bf16_checkpoints_average_in_float32_and_stay_bf16(tmp_path):
+    from safetensors.torch import load_file
+    a, b = (_run(tmp_path, n, seed=s, dtype=torch.bfloat16) for n, s in (("a", 1), ("b", 2)))
+    out = average_checkpoints([a, b], tmp_path / "soup")
+    got, sa, sb = (load_file(str(d / "model.safetensors")) for d in (out, a, b))
+    for k in got:
+        assert got[k].dtype == torch.bfloat16
+        torch.testing.assert_close(got[k], ((sa[k].float() + sb[k].float()) / 2).to(torch.bfloat16), rtol=0, atol=0)
 
 
 def test_three_checkpoints_through_the_cli(tmp_path, capsys):

@@ -8,6 +8,7 @@ architecture, same vocabulary size and the same control tokens, else a ``ValueEr
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,7 +28,7 @@ def average_checkpoints(paths: Sequence, out, *, weights: Optional[Sequence[floa
         Two or more ``rtkern train`` checkpoint directories of one base model.
     out : str or Path
         Output directory (written atomically; an existing one is replaced). The tokenizer, config and
-        control tokens are the first checkpoint's, the dtype is the first checkpoint's.
+        control tokens are the first checkpoint's; so is the stored dtype (the mean is taken in float32).
     weights : sequence of float, optional
         One positive weight per checkpoint (normalised to sum 1); default equal weights.
 
@@ -44,19 +45,27 @@ def average_checkpoints(paths: Sequence, out, *, weights: Optional[Sequence[floa
     w = _normalised(weights, len(paths))
     if Path(out).resolve() in {p.resolve() for p in paths}:
         raise ValueError(f"--out {out} is one of the inputs; write the average elsewhere")
-    model, tok = load_model(paths[0], device="cpu")
+    model, tok = load_model(paths[0], device="cpu", dtype=torch.float32)   # bf16/fp16 widen exactly
     control = load_control_tokens(paths[0])
-    first = model.state_dict()
-    acc = {k: v.float() * w[0] for k, v in first.items()}
+    acc = {k: v * w[0] for k, v in model.state_dict().items()}
     for path, wi in zip(paths[1:], w[1:]):
-        other, _ = load_model(path, device="cpu")
+        other, _ = load_model(path, device="cpu", dtype=torch.float32)
         _check_same(paths[0], path, model, other, control)
         for k, v in other.state_dict().items():
-            acc[k] += v.float() * wi
+            acc[k] += v * wi
         del other
     with torch.no_grad():
-        model.load_state_dict({k: v.to(first[k].dtype) for k, v in acc.items()})
-    return save_checkpoint(out, model, tok, control)
+        model.load_state_dict(acc)
+    return save_checkpoint(out, model.to(_stored_dtype(paths[0])), tok, control)
+
+
+def _stored_dtype(path: Path) -> torch.dtype:
+    cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name), None)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{path / 'config.json'}: dtype {name!r} is not float32, bfloat16 or float16")
+    return dtype
 
 
 def _normalised(weights, n: int) -> list[float]:
