@@ -5,11 +5,13 @@
 
 Modules: `data` (readers, the fixed CoCoNot split, examples), `batching` (mixing, packing, collation),
 `prepare` (control tokens, vocabulary growth), `loss` (chunked cross-entropy), `trainer` (the loop, DDP),
-`checkpoint` (HF-compatible directories, exact resume), `average` (weight averaging of runs), `config`, `metrics`, `run`, `cli`.
+`checkpoint` (HF-compatible directories, exact resume), `average` (weight averaging of runs), `config`,
+`metrics`, `run`, `cli`.
 """
 import importlib
 
-_EXPORTS = {"average_checkpoints": "average", "load_control_tokens": "checkpoint", "save_checkpoint": "checkpoint", "TrainConfig": "config",
+_EXPORTS = {"average_checkpoints": "average", "load_control_tokens": "checkpoint", "save_checkpoint": "checkpoint",
+            "TrainConfig": "config",
             "DataError": "data", "Record": "data", "build_examples": "data", "load_data": "data",
             "load_eval_sets": "data", "load_recipe": "data", "read_file": "data",
             "chunked_cross_entropy": "loss", "ControlTokens": "prepare", "add_control_tokens": "prepare",
