@@ -8,8 +8,9 @@
 # Parts: targets, tests (GPU pytest), sampler, kernels, score, train, decode-small, decode-8b (default: all
 # but targets; several 10-min calls). `targets` measures B=1 bf16 on random weights of the SmolLM2-135M and
 # Llama-3-8B shapes (the gpt-fast baselines use random weights too), so it needs no carried GGUF:
-# with 15 device-minutes a session it is the one call to make if there is time for one. The decode parts rewrite their JSON/table after every point and stop starting points
-# after --time-budget, so a call's limit never costs what was measured.
+# with 15 device-minutes a session it is the one call to make if there is time for one. The decode parts
+# rewrite their JSON/table after every point and stop starting points after --time-budget, so a call's
+# limit never costs what was measured.
 # Wheels carried in .whl/ (gguf: the GGUF loader needs it; DEVICE.md) are installed first.
 # Everything lands in $OUT (default ./results/gpu): pytest.txt, sampler/kernels/decode .json/.md/.png.
 set -uo pipefail

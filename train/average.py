@@ -45,6 +45,7 @@ def average_checkpoints(paths: Sequence, out, *, weights: Optional[Sequence[floa
     w = _normalised(weights, len(paths))
     if Path(out).resolve() in {p.resolve() for p in paths}:
         raise ValueError(f"--out {out} is one of the inputs; write the average elsewhere")
+    dtype = _stored_dtype(paths[0])
     model, tok = load_model(paths[0], device="cpu", dtype=torch.float32)   # bf16/fp16 widen exactly
     control = load_control_tokens(paths[0])
     acc = {k: v * w[0] for k, v in model.state_dict().items()}
@@ -56,7 +57,7 @@ def average_checkpoints(paths: Sequence, out, *, weights: Optional[Sequence[floa
         del other
     with torch.no_grad():
         model.load_state_dict(acc)
-    return save_checkpoint(out, model.to(_stored_dtype(paths[0])), tok, control)
+    return save_checkpoint(out, model.to(dtype), tok, control)
 
 
 def _stored_dtype(path: Path) -> torch.dtype:
