@@ -100,4 +100,8 @@ def test_rejects_mismatched_or_malformed_requests(tmp_path):
     (renamed / "rtkern.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="renamed: control tokens differ"):
         average_checkpoints([a, renamed], tmp_path / "o")
+    cfg = json.loads((a / "config.json").read_text())
+    (a / "config.json").write_text(json.dumps({**cfg, "dtype": "float64", "torch_dtype": "float64"}))
+    with pytest.raises(ValueError, match="dtype 'float64' is not float32, bfloat16 or float16"):
+        average_checkpoints([a, b], tmp_path / "o")
     assert not (tmp_path / "o").exists()
