@@ -577,24 +577,30 @@ def _shared_share(p: np.ndarray, y: np.ndarray, own: dict, uniform: float, targe
     return qs[lo]
 
 
-def choose_for_max_over_refusal(probs, should_refuse, max_rate: float, mode: str = "category") -> Choice:
+def choose_for_max_over_refusal(probs, should_refuse, max_rate: float, mode: str = "category", *,
+                                category=None) -> Choice:
     """Lowest thresholds whose over-refusal (refused should-comply prompts) stays at most ``max_rate``.
 
     With several category tokens every token gets the same budget q: t_c is the smallest threshold at
     which p_c fires on at most a fraction q of the should-comply prompts, and q is the largest for
-    which the joint over-refusal (any token firing) is still at most ``max_rate``.
+    which the joint over-refusal (any token firing) is still at most ``max_rate``. Given ``category``,
+    each labelled token's t_c is then raised to the lowest p_c of its own category's should-refuse
+    prompts at or above it: lower, the token would only add other categories' prompts and
+    should-comply ones, and switching their own token off would not stop their refusal.
 
     Parameters
     ----------
     probs : float ``[N, C]``; should_refuse : bool ``[N]``
     max_rate : float in [0, 1]
     mode : {"category", "sum"}
+    category : int ``[N]`` or None
+        Category of each should-refuse prompt (-1 unknown); used in ``category`` mode only.
 
     Returns
     -------
     Choice
     """
-    p, y, _ = _labels(probs, should_refuse, None)
+    p, y, c = _labels(probs, should_refuse, category)
     _check_mode(mode)
     _check_rate(max_rate, "max_rate")
     neg = p[~y]
@@ -605,9 +611,15 @@ def choose_for_max_over_refusal(probs, should_refuse, max_rate: float, mode: str
     if mode == "sum" or C == 1:
         t = threshold_for_max_rate(refusal_score(neg, mode), max_rate)
         return Choice(np.full(C, t, dtype=np.float32), mode, what)
+    own = [p[y & (c == k), k] for k in range(C)]
 
     def at(m: int) -> np.ndarray:
-        return np.array([threshold_for_max_rate(neg[:, k], m / neg.shape[0]) for k in range(C)], dtype=np.float32)
+        t = np.array([threshold_for_max_rate(neg[:, k], m / neg.shape[0]) for k in range(C)], dtype=np.float32)
+        for k in range(C):
+            caught = own[k][own[k] >= t[k]]
+            if caught.size:
+                t[k] = caught.min()
+        return t
 
     def joint(m: int) -> float:
         return float((neg >= at(m)).any(axis=1).mean())
@@ -616,8 +628,10 @@ def choose_for_max_over_refusal(probs, should_refuse, max_rate: float, mode: str
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if joint(mid) <= max_rate else (lo, mid - 1)
-    return Choice(at(lo), mode, what, [f"each category token may fire on at most {lo} of "
-                                       f"{neg.shape[0]} should-comply prompts"])
+    notes = [f"each category token may fire on at most {lo} of {neg.shape[0]} should-comply prompts"]
+    if any(x.size for x in own):
+        notes.append("each labelled category token raised to the lowest score of its own category it still catches")
+    return Choice(at(lo), mode, what, notes)
 
 
 def choose_best_f1(probs, should_refuse, category, mode: str = "category", *,

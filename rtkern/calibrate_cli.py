@@ -204,7 +204,7 @@ def _analyse(scores: np.ndarray, data, spec: RefusalSpec, args):
     if args.target_rate is not None:
         choice = choose_for_target_rate(probs, y, token_cat, args.target_rate, args.mode, names=spec.names)
     elif args.max_over_refusal is not None:
-        choice = choose_for_max_over_refusal(probs, y, args.max_over_refusal, args.mode)
+        choice = choose_for_max_over_refusal(probs, y, args.max_over_refusal, args.mode, category=token_cat)
     else:
         choice = choose_best_f1(probs, y, token_cat, args.mode, names=spec.names)
     return Analysis(probs, y, group, group_names, spec.names, choice)

@@ -262,6 +262,61 @@ def test_max_over_refusal_hand_computed_budget_met_exactly():
     assert choice.criterion == "over-refusal at most 0.5 on should-comply prompts"
 
 
+def test_max_over_refusal_raises_each_token_to_its_own_category_hand_computed():
+    # should-comply rows 0-3, budget 2 of 4. Without categories m = 1 gives t = [0.1+, 0.1+]: token 0 then
+    # also refuses B (category 1) at 0.15, so switching category 1 off would not stop B's refusal.
+    # With categories each token rises to its own lowest caught score: t0 = 0.9 (A), t1 = 0.7 (B), which
+    # leaves room up to m = 2; m = 3 would let token 1 down to C's 0.05 and over-refuse 3 of 4.
+    probs = np.array([[0.05, 0.1], [0.1, 0.05], [0.02, 0.3], [0.3, 0.02],
+                      [0.9, 0.2], [0.15, 0.7], [0.12, 0.05]], np.float32)
+    y = np.array([False] * 4 + [True] * 3)
+    cat = np.array([-1] * 4 + [0, 1, 1])
+    plain = choose_for_max_over_refusal(probs, y, 0.5)
+    above = np.nextafter(np.float32(0.1), np.float32(1))
+    np.testing.assert_array_equal(plain.thresholds, [above, above])
+    np.testing.assert_array_equal(decisions(probs, plain.thresholds), [-1, -1, 1, 0, 0, 1, 0])
+    assert (decisions(probs, [plain.thresholds[0], OFF]) == 0)[5]           # B refused with category 1 off
+    tight = choose_for_max_over_refusal(probs, y, 0.5, category=cat)
+    np.testing.assert_array_equal(tight.thresholds, np.array([0.9, 0.7], np.float32))
+    np.testing.assert_array_equal(decisions(probs, tight.thresholds), [-1, -1, -1, -1, 0, 1, -1])
+    assert (decisions(probs, [tight.thresholds[0], OFF]) == -1)[5]
+    assert tight.notes[0] == "each category token may fire on at most 2 of 4 should-comply prompts"
+    assert "own category" in tight.notes[1]
+    # sum mode and unlabelled data keep the plain rule
+    np.testing.assert_array_equal(choose_for_max_over_refusal(probs, y, 0.5, "sum", category=cat).thresholds,
+                                  choose_for_max_over_refusal(probs, y, 0.5, "sum").thresholds)
+    unl = choose_for_max_over_refusal(probs, y, 0.5, category=np.full(7, -1))
+    np.testing.assert_array_equal(unl.thresholds, plain.thresholds)
+    assert len(unl.notes) == 1
+
+
+def test_max_over_refusal_with_categories_keeps_the_budget_on_synthetic_scores():
+    probs, y, cat = _synthetic()
+    for r in (0.05, 0.15):
+        choice = choose_for_max_over_refusal(probs, y, r, category=cat)
+        assert (decisions(probs, choice.thresholds) >= 0)[~y].mean() <= r
+        for k, t in enumerate(choice.thresholds):   # every threshold is one of its own category's scores
+            assert t in probs[y & (cat == k), k]
+        np.testing.assert_array_equal(choice.thresholds, _tightened_brute_force(probs, y, cat, r))
+
+
+def _tightened_brute_force(probs, y, cat, r):
+    """Every budget m tried in turn: the rule of choose_for_max_over_refusal written the slow way."""
+    neg = probs[~y]
+    best = None
+    for m in range(0, len(neg) + 1, 1):
+        t = []
+        for k in range(probs.shape[1]):
+            s = np.sort(neg[:, k])[::-1]
+            tk = 0.0 if m >= len(s) else np.nextafter(s[m], np.float32(np.inf))
+            caught = [v for v in probs[y & (cat == k), k] if v >= tk]
+            t.append(min(caught) if caught else tk)
+        t = np.array(t, np.float32)
+        if (neg >= t).any(axis=1).mean() <= r:
+            best = t
+    return best
+
+
 def test_best_f1_matches_brute_force():
     probs, y, cat = _synthetic(n=400, C=1)
     choice = choose_best_f1(probs, y, None)
@@ -718,6 +773,15 @@ def test_cli_end_to_end(tiny_category, tmp_path, capsys):
         assert own, f"the data gives {c} no should-refuse prompt"
         assert refused[own].mean() >= 0.5
     assert "wrote" in capsys.readouterr().out
+    # --max-over-refusal in category mode raises each token to its own category (the labels reach it)
+    rc = cli.main(["calibrate", "--model", str(tiny_category), "--data", str(data), "--max-over-refusal", "0.5",
+                   "--batch-size", "4", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "mor")])
+    assert rc == 0, capsys.readouterr().err
+    y = np.array([r["should_refuse"] for r in rows])
+    cat = np.array([CATEGORIES.index(r["category"]) if r["should_refuse"] else -1 for r in rows])
+    want = choose_for_max_over_refusal(probs.astype(np.float32), y, 0.5, category=cat).thresholds
+    got = load_thresholds(tmp_path / "mor" / "thresholds.json", spec).tensor(spec).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_cli_single_scheme_sum_mode_and_limit(tmp_path, capsys):
