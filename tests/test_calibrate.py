@@ -304,7 +304,7 @@ def _tightened_brute_force(probs, y, cat, r):
     """Every budget m tried in turn: the rule of choose_for_max_over_refusal written the slow way."""
     neg = probs[~y]
     best = None
-    for m in range(0, len(neg) + 1, 1):
+    for m in range(len(neg) + 1):
         t = []
         for k in range(probs.shape[1]):
             s = np.sort(neg[:, k])[::-1]

@@ -46,12 +46,16 @@ def average_checkpoints(paths: Sequence, out, *, weights: Optional[Sequence[floa
     if Path(out).resolve() in {p.resolve() for p in paths}:
         raise ValueError(f"--out {out} is one of the inputs; write the average elsewhere")
     dtype = _stored_dtype(paths[0])
-    model, tok = load_model(paths[0], device="cpu", dtype=torch.float32)   # bf16/fp16 widen exactly
     control = load_control_tokens(paths[0])
+    for path in paths[1:]:   # cheap checks first: no weights are read for a mismatched set
+        theirs = load_control_tokens(path)
+        if theirs != control:
+            raise ValueError(f"{path}: control tokens differ from {paths[0]}: {theirs} vs {control}")
+    model, tok = load_model(paths[0], device="cpu", dtype=torch.float32)   # bf16/fp16 widen exactly
     acc = {k: v * w[0] for k, v in model.state_dict().items()}
     for path, wi in zip(paths[1:], w[1:]):
         other, _ = load_model(path, device="cpu", dtype=torch.float32)
-        _check_same(paths[0], path, model, other, control)
+        _check_same_architecture(paths[0], path, model, other)
         for k, v in other.state_dict().items():
             acc[k] += v * wi
         del other
@@ -63,8 +67,10 @@ def average_checkpoints(paths: Sequence, out, *, weights: Optional[Sequence[floa
 def _stored_dtype(path: Path) -> torch.dtype:
     cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
     name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    from ..loader import _FLOAT_DTYPES
+
     dtype = getattr(torch, str(name), None)
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"{path / 'config.json'}: dtype {name!r} is not float32, bfloat16 or float16")
     return dtype
 
@@ -80,13 +86,10 @@ def _normalised(weights, n: int) -> list[float]:
     return [x / sum(w) for x in w]
 
 
-def _check_same(ref_path: Path, path: Path, ref, other, control) -> None:
+def _check_same_architecture(ref_path: Path, path: Path, ref, other) -> None:
     if other.args != ref.args:
         diff = {k: (v, getattr(other.args, k)) for k, v in vars(ref.args).items() if getattr(other.args, k) != v}
         raise ValueError(f"{path}: architecture differs from {ref_path} as (first, this): {diff}")
-    theirs = load_control_tokens(path)
-    if theirs != control:
-        raise ValueError(f"{path}: control tokens differ from {ref_path}: {theirs} vs {control}")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
