@@ -38,6 +38,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     goal.add_argument("--max-over-refusal", type=float, metavar="R",
                       help="refuse at most this fraction of the should-comply prompts")
     goal.add_argument("--best-f1", action="store_true", help="maximise F1 (the default)")
+    p.add_argument("--keep-control", action="store_true",
+                   help="with --max-over-refusal and category tokens: keep every category switchable on these "
+                        "prompts (switched off, its rate drops >= 80%% and the others move <= 5 points)")
     p.add_argument("--scheme", choices=("auto", "single", "category"), default="auto",
                    help="control-token scheme (auto: the one in the checkpoint's rtkern.json, else category "
                         "tokens if present, else [refuse])")
@@ -81,6 +84,8 @@ def _run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model, tok = load_model(args.model, device=device, dtype=dtype)
     spec = resolve_spec(tok, args)
+    if args.keep_control and spec.num_categories < 2:
+        raise ValueError(f"--keep-control needs category tokens; the model has {spec.num_categories} refusal token")
     tok.protect(spec.control_ids)
 
     t0 = time.perf_counter()
@@ -118,6 +123,8 @@ def _check_args(args) -> None:
         v = getattr(args, name)
         if v is not None and not (0.0 <= v <= 1.0):
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
+    if args.keep_control and (args.max_over_refusal is None or args.mode != "category"):
+        raise ValueError("--keep-control goes with --max-over-refusal R and --mode category")
     for name in ("batch_size", "max_length", "limit"):
         v = getattr(args, name)
         if v is not None and v < 1:
@@ -189,6 +196,7 @@ def _explicit_spec(tok, tokens: str, respond: Optional[str]) -> RefusalSpec:
 
 def _analyse(scores: np.ndarray, data, spec: RefusalSpec, args):
     from .calibrate import choose_best_f1, choose_for_max_over_refusal, choose_for_target_rate
+    from .calibrate_control import choose_controllable
     from .calibrate_report import Analysis
 
     C = spec.num_categories
@@ -203,6 +211,8 @@ def _analyse(scores: np.ndarray, data, spec: RefusalSpec, args):
         raise ValueError("the data has no should-refuse prompts; only --max-over-refusal can be used")
     if args.target_rate is not None:
         choice = choose_for_target_rate(probs, y, token_cat, args.target_rate, args.mode, names=spec.names)
+    elif args.keep_control:
+        choice = choose_controllable(probs, y, token_cat, args.max_over_refusal, names=spec.names)
     elif args.max_over_refusal is not None:
         choice = choose_for_max_over_refusal(probs, y, args.max_over_refusal, args.mode, category=token_cat)
     else:

@@ -22,6 +22,16 @@ def device():
     return DEVICE
 
 
+@pytest.fixture(scope="module")
+def tiny_category(tmp_path_factory):
+    """A tiny random checkpoint with the five category tokens and [respond]."""
+    from rtkern.spec import RESPOND_TOKEN, control_token_strings
+    from tiny import save_scoring_model
+    d = tmp_path_factory.mktemp("tiny_category")
+    save_scoring_model(d, control_token_strings("category")[0] + [RESPOND_TOKEN])
+    return d
+
+
 def pytest_configure(config):
     from rtkern.kernels._common import interpreter_enabled, interpreter_incompatibility
     if interpreter_enabled() and interpreter_incompatibility():

@@ -20,7 +20,7 @@ from rtkern.calibrate_data import LabelledPrompts, coconot_is_test, even_subset,
 from rtkern.calibrate_report import Analysis, build_report
 from rtkern.spec import CATEGORIES, RESPOND_TOKEN, RefusalSpec, control_token_strings
 from rtkern.thresholds import FORMAT, load_thresholds, save_thresholds, thresholds_tensor
-from tiny import save_tokenizer
+from tiny import save_scoring_model, save_tokenizer, write_labelled_jsonl
 
 transformers = pytest.importorskip("transformers")
 
@@ -636,26 +636,6 @@ def test_coconot_folder_split():
 # Scoring on a tiny random model
 # ---------------------------------------------------------------------------------------------------
 
-def _save_tiny(d: Path, control: list, seed: int = 0) -> None:
-    fast = save_tokenizer(d, vocab_size=280, control=control)
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   intermediate_size=96, vocab_size=320, eos_token_id=1)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # larger logits on the control rows, so their probabilities vary visibly
-        ids = [len(fast) - len(control) + i for i in range(len(control))]
-        model.lm_head.weight[ids] *= 40
-    model.save_pretrained(d)
-
-
-@pytest.fixture(scope="module")
-def tiny_category(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_category")
-    strings, _ = control_token_strings("category")
-    _save_tiny(d, strings + [RESPOND_TOKEN])
-    return d
-
-
 PROMPTS = ["hello", "please refuse this request and respond to the user kindly, hello world " * 3,
            "world", "respond kindly", [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"}],
            "the user spells [refuse] and [respond] in text", "x" * 40, "please"]
@@ -731,18 +711,8 @@ def test_score_uses_last_positions_only_and_generic_fallback(tiny_category):
 # CLI
 # ---------------------------------------------------------------------------------------------------
 
-def _write_jsonl(path: Path, n: int = 12) -> Path:
-    words = ["hello", "please", "refuse", "respond", "kindly", "world", "user", "request"]
-    cats = [CATEGORIES[i % 5] for i in range(n)]
-    with open(path, "w") as fh:
-        for i in range(n):
-            fh.write(json.dumps({"prompt": " ".join(words[(i + k) % 8] for k in range(1 + i % 5)),
-                                 "label": "refuse" if i % 2 == 0 else "comply", "category": cats[i]}) + "\n")
-    return path
-
-
 def test_cli_end_to_end(tiny_category, tmp_path, capsys):
-    data = _write_jsonl(tmp_path / "d.jsonl")
+    data = write_labelled_jsonl(tmp_path / "d.jsonl")
     out = tmp_path / "out"
     rc = cli.main(["calibrate", "--model", str(tiny_category), "--data", str(data), "--target-rate", "0.5",
                    "--batch-size", "4", "--device", "cpu", "--no-progress", "--out", str(out)])
@@ -787,10 +757,10 @@ def test_cli_end_to_end(tiny_category, tmp_path, capsys):
 def test_cli_single_scheme_sum_mode_and_limit(tmp_path, capsys):
     d = tmp_path / "m"
     # Both schemes' tokens in the vocabulary; the trainer's rtkern.json says which one the model uses.
-    _save_tiny(d, ["[refuse]", "[respond]"] + control_token_strings("category")[0], seed=1)
+    save_scoring_model(d, ["[refuse]", "[respond]"] + control_token_strings("category")[0], seed=1)
     (d / "rtkern.json").write_text(json.dumps({"scheme": "single", "refusal_tokens": ["[refuse]"],
                                                "respond_token": "[respond]"}))
-    data = _write_jsonl(tmp_path / "d.jsonl", 16)
+    data = write_labelled_jsonl(tmp_path / "d.jsonl", 16)
     out = tmp_path / "out"
     rc = cli.main(["calibrate", "--model", str(d), "--data", str(data), "--max-over-refusal", "0.25", "--mode", "sum",
                    "--limit", "5", "--device", "cpu", "--no-progress", "--out", str(out)])
@@ -804,8 +774,8 @@ def test_cli_single_scheme_sum_mode_and_limit(tmp_path, capsys):
 
 def test_cli_errors(tmp_path, capsys):
     base = tmp_path / "base"
-    _save_tiny(base, [])
-    data = _write_jsonl(tmp_path / "d.jsonl")
+    save_scoring_model(base, [])
+    data = write_labelled_jsonl(tmp_path / "d.jsonl")
     args = ["calibrate", "--model", str(base), "--data", str(data), "--device", "cpu", "--no-progress",
             "--out", str(tmp_path / "o")]
     assert cli.main(args) == 1

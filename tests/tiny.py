@@ -42,3 +42,26 @@ def save_tokenizer(d, vocab_size=300, control=()):
         fast.add_tokens([AddedToken(t, special=True, normalized=False) for t in control], special_tokens=True)
     fast.save_pretrained(d)
     return fast
+
+
+def save_scoring_model(d, control, seed=0):
+    """``tiny_hf`` with ``save_tokenizer(control=...)``, its control rows scaled so their probabilities vary."""
+    fast = save_tokenizer(d, vocab_size=280, control=control)
+    model = tiny_hf(seed=seed)
+    with torch.no_grad():
+        ids = [len(fast) - len(control) + i for i in range(len(control))]
+        model.lm_head.weight[ids] *= 40
+    model.save_pretrained(d)
+
+
+def write_labelled_jsonl(path, n=12):
+    """``n`` prompts alternating refuse / comply, categories cycling through CoCoNot's five."""
+    import json
+    from rtkern.spec import CATEGORIES
+    words = ["hello", "please", "refuse", "respond", "kindly", "world", "user", "request"]
+    with open(path, "w") as fh:
+        for i in range(n):
+            fh.write(json.dumps({"prompt": " ".join(words[(i + k) % 8] for k in range(1 + i % 5)),
+                                 "label": "refuse" if i % 2 == 0 else "comply",
+                                 "category": CATEGORIES[i % 5]}) + "\n")
+    return path
