@@ -42,7 +42,7 @@ def refusal_probs_reference(logits: torch.Tensor, spec: RefusalSpec, logit_bias=
                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Rule 1: softmax (temperature 1, full vocabulary, bias applied) at the refusal ids, [B, C]."""
     z = logits.to(dtype)
-    rid = torch.tensor(spec.refusal_ids, device=logits.device)
+    rid = spec.ids_tensor(logits.device)[: spec.num_categories].long()
     zr = z[:, rid]
     if logit_bias is not None:
         zr = zr + logit_bias.to(dtype)
@@ -81,15 +81,17 @@ def sample_reference(logits: torch.Tensor, spec: RefusalSpec, controls: RefusalC
     dev = logits.device
     z = logits.to(dtype)
     probs = refusal_probs_reference(logits, spec, controls.logit_bias, dtype)
-    rid = torch.tensor(spec.refusal_ids, device=dev)
-    ctl = torch.tensor(spec.control_ids, device=dev)
+    # No host round trip (no tensor built from Python data, no boolean indexing): the engine captures this
+    # in a CUDA graph when the torch backend is picked. Build the cached ids before capture.
+    ctl = spec.ids_tensor(dev).long()
+    rid = ctl[: spec.num_categories]
     refuse, best, respond = decide(probs.to(dtype), controls, spec.respond_id is not None)
     include_ctl = controls.first_step & (controls.mode == 2)
 
     # Candidates in CDF order: ordinary tokens by id, then controls in spec order.
-    ordinary = torch.ones(V, dtype=torch.bool, device=dev)
-    ordinary[ctl] = False
-    order = torch.cat([torch.arange(V, device=dev)[ordinary], ctl])
+    is_ctl = torch.zeros(V, dtype=torch.int64, device=dev).index_fill_(0, ctl, 1)
+    ordinary = (torch.arange(V, device=dev) + V * is_ctl).argsort()[: V - len(ctl)]  # ids in order
+    order = torch.cat([ordinary, ctl])
     zb = z.clone()
     zb[:, rid] += controls.logit_bias.to(dtype)
     zz = zb[:, order]
@@ -97,11 +99,9 @@ def sample_reference(logits: torch.Tensor, spec: RefusalSpec, controls: RefusalC
         else unpack_vocab_mask(controls.vocab_mask, V)
     allowed = torch.cat([allowed_ord[:, ordinary], include_ctl[:, None].expand(B, len(ctl))], 1)
 
-    neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=dev)
-    cand = torch.where(allowed, zz, neg_inf)
+    cand = torch.where(allowed, zz, float("-inf"))
     top = cand.max(1).values
-    big = torch.tensor(V, device=dev)
-    greedy_tok = torch.where(allowed & (cand == top[:, None]), order, big).min(1).values
+    greedy_tok = torch.where(allowed & (cand == top[:, None]), order, V).min(1).values
 
     t = controls.temperature
     top_safe = torch.where(top == float("-inf"), 0.0, top)

@@ -58,6 +58,9 @@ _last_out: list = [None]  # (out, what was checked) of the last accepted `out`: 
 
 
 def _check_out(out, B, C, device) -> None:
+    if torch.compiler.is_compiling():  # traced once per graph; the cache below would guard on `out`'s identity
+        _check_out_fully(out, B, C, device)
+        return
     # grad mode and requires_grad are part of what was checked: both can change between calls
     key = (B, C, device, torch.is_grad_enabled(), getattr(getattr(out, "refusal_probs", None), "requires_grad", None))
     last = _last_out[0]
@@ -171,7 +174,7 @@ def refusal_probs(logits: torch.Tensor, spec: RefusalSpec, *, logit_bias: Option
 def _decide_torch(logits, spec, controls) -> SampleOutput:
     probs = refusal_probs_reference(logits, spec, controls.logit_bias)
     refuse, best, respond = decide(probs, controls, spec.respond_id is not None)
-    rid = torch.tensor(spec.refusal_ids, device=logits.device)
+    rid = spec.ids_tensor(logits.device)[: spec.num_categories].long()
     tok = torch.where(refuse, rid[best], torch.where(respond, spec.respond_id or 0, -1))
     bad = torch.isnan(probs).any(1)  # exactly the invalid rows, the biased overflow included
     return SampleOutput(torch.where(bad, -1, tok).long(), probs,
@@ -219,12 +222,12 @@ def apply_refusal_(logits: torch.Tensor, spec: RefusalSpec, controls: RefusalCon
     rid = ids[: spec.num_categories]
     forced = res.tokens >= 0
     free_first = controls.first_step & (controls.mode == 2)
-    neg = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+    neg = torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device)
     cur = logits[:, rid]
     logits[:, rid] = torch.where(free_first[:, None], _biased(cur, controls.logit_bias), cur)
     if controls.vocab_mask is not None:
         allowed = unpack_vocab_mask(controls.vocab_mask, V)
-        allowed[:, ids] = True  # control tokens are governed by the refusal rules only
+        allowed.index_fill_(1, ids, True)  # control tokens are governed by the refusal rules only
         logits.masked_fill_(~allowed, neg)
     logits[:, ids] = torch.where(free_first[:, None], logits[:, ids], neg)
     logits.masked_fill_(forced[:, None], neg)

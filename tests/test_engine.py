@@ -268,8 +268,11 @@ def test_compiled_decode_step_is_one_graph_and_matches_eager(loaded, monkeypatch
     compiled = Engine(model, tok, max_batch=4, compile=True, sampler_backend=sampler_backend)
     eager = Engine(model, tok, max_batch=4, sampler_backend=sampler_backend)
     got, want = compiled.generate(PROMPTS[:3], params), eager.generate(PROMPTS[:3], params)
-    assert graphs, "the decode step was not traced"
+    assert len(graphs) == 1, f"one batch bucket compiled into {len(graphs)} graphs (a guard on Python state?)"
     assert [(r.tokens, r.refused) for r in got] == [(r.tokens, r.refused) for r in want]
+    compiled.generate(PROMPTS[:1], params[:1])  # a second bucket: one more graph, not a recompile per call
+    compiled.generate(PROMPTS[:3], params)
+    assert len(graphs) == 2
 
 
 def _special_control_checkpoint(d, scheme=None):
