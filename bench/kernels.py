@@ -237,16 +237,16 @@ def run_from_args(a: argparse.Namespace) -> int:
     from tqdm import tqdm
     points = [(m, op, int(b)) for m in a.models.split(",") for op in ops for b in a.batches.split(",")]
     bandwidth = a.bandwidth or copy_bandwidth(device)
-    rows = []
+    rows, env = [], environment(device)
+    a.out.mkdir(parents=True, exist_ok=True)
     for name, op, B in tqdm(points, desc="kernels", unit="point", disable=a.no_progress):
         rows += bench_op(op, name, B, DTYPES[a.dtype], device, impls, bandwidth)
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "kernels.json").write_text(json.dumps(
-        {"environment": environment(device), "dtype": a.dtype, "rows": [asdict(r) for r in rows]}, indent=1))
-    table = format_table(rows)
-    (a.out / "kernels.md").write_text(table + "\n")
+        # after every point: a run stopped at a device call's time limit keeps what it measured
+        (a.out / "kernels.json").write_text(json.dumps({"environment": env, "dtype": a.dtype,
+                                                        "rows": [asdict(r) for r in rows]}, indent=1))
+        (a.out / "kernels.md").write_text(format_table(rows) + "\n")
     png = plot(rows, a.out / "kernels.png")
-    print(table)
+    print(format_table(rows))
     print(f"\nwrote {a.out / 'kernels.json'}, {a.out / 'kernels.md'}" + (f", {png}" if png else ""))
     return 0
 

@@ -553,14 +553,6 @@ def run(batches: Sequence[int], vocabs: Sequence[int], dtypes: Sequence[str], me
 
     stream = stream or sys.stdout
     device = torch.device(device)
-    grid = [(v, d, b) for v in vocabs for d in dtypes for b in batches]
-    rows: list[Row] = []
-    bar = tqdm(grid, desc="bench sampler", unit="point", disable=not progress, file=sys.stderr)
-    for vocab, dtype, batch in bar:
-        rows.extend(bench_point(batch, vocab, dtype, methods, device, bandwidth=bandwidth, reps=reps,
-                                categories=categories, compile_mode=compile_mode, progress=bar))
-    bar.close()
-
     env = environment(device)
     result = {
         "benchmark": "sampler",
@@ -571,12 +563,21 @@ def run(batches: Sequence[int], vocabs: Sequence[int], dtypes: Sequence[str], me
         "categories": categories,
         "timing": ("triton.testing.do_bench median (us); back-to-back perf_counter incl. host overhead (wall_us)"
                    if device.type == "cuda" else f"time.perf_counter median of {reps} calls"),
-        "rows": [asdict(r) for r in rows],
+        "rows": [],
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sampler.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / "sampler.md").write_text(format_markdown(rows) + "\n")
+    grid = [(v, d, b) for v in vocabs for d in dtypes for b in batches]
+    rows: list[Row] = []
+    bar = tqdm(grid, desc="bench sampler", unit="point", disable=not progress, file=sys.stderr)
+    for vocab, dtype, batch in bar:
+        rows.extend(bench_point(batch, vocab, dtype, methods, device, bandwidth=bandwidth, reps=reps,
+                                categories=categories, compile_mode=compile_mode, progress=bar))
+        # after every point: a run stopped at a device call's time limit keeps what it measured
+        result["rows"] = [asdict(r) for r in rows]
+        (out_dir / "sampler.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out_dir / "sampler.md").write_text(format_markdown(rows) + "\n")
+    bar.close()
     title = f"refusal sampler on {env['device_name']} (torch {env['torch']}, triton {env['triton']})"
     plot(rows, out_dir / "sampler.png", title)
 
