@@ -3,7 +3,8 @@
 `score` runs one batched prefill per chunk of prompts and returns the first-token probability of every
 control token. Everything else here is plain numpy on those scores: the rule-2 decisions of the
 sampler, refusal rates per category against threshold sweeps, ROC/AUROC, precision/recall/F1, and the
-choice of per-category thresholds (target refusal rate, maximum over-refusal, best F1).
+choice of per-category thresholds (target refusal rate, maximum over-refusal, best F1; the search in
+`rtkern.calibrate_control` also keeps every category switchable).
 
 Conventions for the metric functions: ``probs`` is float32 ``[N, C]`` (refusal tokens only, spec
 order); ``should_refuse`` is bool ``[N]``; ``category`` is int ``[N]``, the index of each prompt's
