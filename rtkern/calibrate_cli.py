@@ -3,8 +3,8 @@
     rtkern calibrate --model DIR --data ../shared/data/coconot --best-f1 --out runs/calib
 
 writes ``report.md``, ``thresholds.json`` (read back with `rtkern.thresholds.load_thresholds`),
-``scores.jsonl`` (every prompt's control-token probabilities, for offline re-analysis),
-``refusal_rate.png`` and ``roc.png``.
+``scores.jsonl`` (every prompt's control-token probabilities), ``refusal_rate.png`` and ``roc.png``.
+``--scores runs/calib/scores.jsonl`` chooses thresholds again from those, without the model.
 """
 from __future__ import annotations
 
@@ -27,11 +27,14 @@ EXIT_ERROR = 1
 
 def configure(p: argparse.ArgumentParser) -> None:
     """Options of ``rtkern calibrate``."""
-    p.add_argument("--model", required=True, metavar="NAME_OR_DIR",
-                   help="checkpoint directory, .gguf file or embedded model name")
-    p.add_argument("--data", required=True, action="append", metavar="FILE_OR_DIR",
+    p.add_argument("--model", metavar="NAME_OR_DIR",
+                   help="checkpoint directory, .gguf file or embedded model name (required unless --scores)")
+    p.add_argument("--data", action="append", metavar="FILE_OR_DIR",
                    help="CoCoNot folder (test-split originals = refuse, contrast = comply) or a CSV/JSONL "
                         "with prompt, label (refuse/comply or 1/0) and optional category; repeatable")
+    p.add_argument("--scores", metavar="FILE",
+                   help="instead of --model and --data: the scores.jsonl of an earlier run, to choose "
+                        "thresholds again without scoring")
     goal = p.add_mutually_exclusive_group()
     goal.add_argument("--target-rate", type=float, metavar="R",
                       help="refuse at least this fraction of the should-refuse prompts (per category)")
@@ -77,6 +80,8 @@ def _run(args: argparse.Namespace) -> int:
 
     _check_args(args)
     out = _out_dir(args.out)  # before the minutes of scoring, not after
+    if args.scores:
+        return _rerun(args, out)
     data = concat([load_labelled(d) for d in args.data])
     if args.limit is not None:
         data = even_subset(data, args.limit)
@@ -99,9 +104,29 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"{bad.size} prompts got NaN probabilities (NaN/inf logits from the model), "
                          f"first at {data.sources[bad[0]]}")
 
-    analysis = _analyse(scores, data, spec, args)
+    analysis = _analyse(scores, data, spec.names, args)
     meta = _meta(args, data, spec, model, seconds)
-    files = _write(out, analysis, data, spec, scores, meta, args)
+    files = _write(out, analysis, data, spec.names, spec.respond_id is not None, scores, meta, args, spec)
+    _summary(analysis, files)
+    return 0
+
+
+def _rerun(args: argparse.Namespace, out: Path) -> int:
+    from . import __version__
+    from .calibrate_data import load_scores
+    saved = load_scores(args.scores)
+    C, data = len(saved.names), saved.data
+    if args.keep_control and C < 2:
+        raise ValueError(f"--keep-control needs category tokens; {args.scores} has {C} refusal token")
+    bad = np.flatnonzero(np.isnan(saved.scores).any(axis=1))
+    if bad.size:
+        raise ValueError(f"{bad.size} prompts have no probabilities (null), first at {data.sources[bad[0]]}")
+    analysis = _analyse(saved.scores, data, saved.names, args)
+    meta = {"scores": args.scores, "prompts": f"{len(data)} ({int(data.should_refuse.sum())} should refuse, "
+                                              f"{int((~data.should_refuse).sum())} should comply)",
+            "refusal tokens": ", ".join(saved.names), "scoring": "none (probabilities read from --scores)",
+            "rtkern": __version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    files = _write(out, analysis, data, saved.names, saved.has_respond, saved.scores, meta, args)
     _summary(analysis, files)
     return 0
 
@@ -119,6 +144,14 @@ def _out_dir(path: str) -> Path:
 
 
 def _check_args(args) -> None:
+    if args.scores is not None:
+        given = [o for o in ("model", "data", "limit", "refusal_tokens", "respond_token", "max_length", "device",
+                             "dtype") if getattr(args, o) is not None]
+        if given:
+            raise ValueError(f"--scores reads probabilities already computed: --{given[0].replace('_', '-')} "
+                             "does not apply")
+    elif args.model is None or args.data is None:
+        raise ValueError("--model and --data are required (or --scores FILE from an earlier run)")
     for name in ("target_rate", "max_over_refusal"):
         v = getattr(args, name)
         if v is not None and not (0.0 <= v <= 1.0):
@@ -194,30 +227,30 @@ def _explicit_spec(tok, tokens: str, respond: Optional[str]) -> RefusalSpec:
 # Analysis and output
 # ---------------------------------------------------------------------------------------------------
 
-def _analyse(scores: np.ndarray, data, spec: RefusalSpec, args):
+def _analyse(scores: np.ndarray, data, names: list, args):
     from .calibrate import choose_best_f1, choose_for_max_over_refusal, choose_for_target_rate
     from .calibrate_control import choose_controllable
     from .calibrate_report import Analysis
 
-    C = spec.num_categories
+    C = len(names)
     probs = scores[:, :C]
     multi = C > 1
     # With category tokens, group c is token c's category; other data categories follow.
-    group_names = data.category_names(spec.names if multi else _present_coconot(data))
+    group_names = data.category_names(names if multi else _present_coconot(data))
     group = data.category_index(group_names)
     token_cat = np.where(group < C, group, -1) if multi else None
     y = data.should_refuse
     if not y.any() and args.max_over_refusal is None:
         raise ValueError("the data has no should-refuse prompts; only --max-over-refusal can be used")
     if args.target_rate is not None:
-        choice = choose_for_target_rate(probs, y, token_cat, args.target_rate, args.mode, names=spec.names)
+        choice = choose_for_target_rate(probs, y, token_cat, args.target_rate, args.mode, names=names)
     elif args.keep_control:
-        choice = choose_controllable(probs, y, token_cat, args.max_over_refusal, names=spec.names)
+        choice = choose_controllable(probs, y, token_cat, args.max_over_refusal, names=names)
     elif args.max_over_refusal is not None:
         choice = choose_for_max_over_refusal(probs, y, args.max_over_refusal, args.mode, category=token_cat)
     else:
-        choice = choose_best_f1(probs, y, token_cat, args.mode, names=spec.names)
-    return Analysis(probs, y, group, group_names, spec.names, choice)
+        choice = choose_best_f1(probs, y, token_cat, args.mode, names=names)
+    return Analysis(probs, y, group, group_names, names, choice)
 
 
 def _present_coconot(data) -> list[str]:
@@ -248,32 +281,34 @@ def _clean(x):
     return x
 
 
-def _write(out: Path, a, data, spec: RefusalSpec, scores: np.ndarray, meta: dict, args) -> dict:
+def _write(out: Path, a, data, names: list, has_respond: bool, scores: np.ndarray, meta: dict, args,
+           spec: Optional[RefusalSpec] = None) -> dict:
     from .calibrate_report import build_report, plot_rates, plot_roc
     from .thresholds import save_thresholds
 
     head = {k: _clean(v) for k, v in a.headline().items()}
-    th_meta = {"criterion": a.choice.criterion, "model": args.model, "data": list(args.data),
-               "prompts": len(data), "notes": a.choice.notes, "at_thresholds": head}
-    thresholds = {n: float(t) for n, t in zip(spec.names, a.choice.thresholds)}
+    source = {"scores": args.scores} if args.scores else {"model": args.model, "data": list(args.data)}
+    th_meta = {"criterion": a.choice.criterion, **source, "prompts": len(data), "notes": a.choice.notes,
+               "at_thresholds": head}
+    thresholds = {n: float(t) for n, t in zip(names, a.choice.thresholds)}
     files = {"thresholds": save_thresholds(out / "thresholds.json", thresholds, mode=a.choice.mode,
                                            metadata=th_meta, spec=spec)}
     files["report"] = out / "report.md"
     files["report"].write_text(build_report(a, meta), encoding="utf-8")
-    files["scores"] = _write_scores(out / "scores.jsonl", data, spec, scores)
+    files["scores"] = _write_scores(out / "scores.jsonl", data, names, has_respond, scores)
     files["rates_png"] = plot_rates(out / "refusal_rate.png", a)
     files["roc_png"] = plot_roc(out / "roc.png", a)
     return files
 
 
-def _write_scores(path: Path, data, spec: RefusalSpec, scores: np.ndarray) -> Path:
-    C = spec.num_categories
+def _write_scores(path: Path, data, names: list, has_respond: bool, scores: np.ndarray) -> Path:
+    C = len(names)
     with open(path, "w", encoding="utf-8") as fh:
         for i in range(len(data)):
             row = {"source": data.sources[i], "prompt": data.prompts[i],
                    "should_refuse": bool(data.should_refuse[i]), "category": data.categories[i],
-                   "probs": {n: _clean(float(scores[i, c])) for c, n in enumerate(spec.names)}}
-            if spec.respond_id is not None:
+                   "probs": {n: _clean(float(scores[i, c])) for c, n in enumerate(names)}}
+            if has_respond:
                 row["respond"] = _clean(float(scores[i, C]))
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path

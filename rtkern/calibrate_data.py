@@ -6,6 +6,8 @@
 * CSV (header row) or JSONL (one object a line) with ``prompt`` and ``label`` (``refuse``/``comply``,
   ``1``/``0``, ``true``/``false``) and an optional ``category``; UTF-8, a leading BOM allowed. A malformed
   row raises ValueError naming ``file:line``.
+* ``scores.jsonl`` written by ``rtkern calibrate`` (`load_scores`): the prompts with their labels and
+  every control token's probability, to choose thresholds again without the model.
 """
 from __future__ import annotations
 
@@ -234,3 +236,54 @@ def even_subset(data: LabelledPrompts, limit: int) -> LabelledPrompts:
             idx = idx[np.linspace(0, idx.size - 1, limit).round().astype(int)]
         keep.extend(idx.tolist())
     return data.subset(sorted(keep))
+
+
+@dataclass
+class SavedScores:
+    """A ``scores.jsonl`` read back: ``scores`` float32 [N, C] (+ a respond column when ``has_respond``)."""
+
+    data: LabelledPrompts
+    scores: np.ndarray
+    names: list
+    has_respond: bool
+
+
+def load_scores(path) -> SavedScores:
+    """Read the ``scores.jsonl`` of an earlier ``rtkern calibrate`` run; ValueError naming ``file:line``
+    on a malformed row (every row must name the same categories, in the same order)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such scores file (rtkern calibrate writes DIR/scores.jsonl)")
+    prompts, labels, cats, srcs, rows = [], [], [], [], []
+    names, has_respond = None, None
+    for line, obj in _jsonl_objects(path):
+        where = f"{path}:{line}"
+        missing = [k for k in ("prompt", "should_refuse", "probs") if k not in obj]
+        if missing:
+            raise ValueError(f"{where}: missing field {missing[0]!r} (not a scores.jsonl of rtkern calibrate?)")
+        probs = obj["probs"]
+        if not isinstance(probs, dict) or not probs:
+            raise ValueError(f"{where}: 'probs' must be an object of category name -> probability")
+        if names is None:
+            names, has_respond = list(probs), "respond" in obj
+        if list(probs) != names or ("respond" in obj) != has_respond:
+            raise ValueError(f"{where}: categories {list(probs)}{' + respond' * ('respond' in obj)} differ from "
+                             f"the first row's {names}{' + respond' * has_respond}")
+        values = list(probs.values()) + ([obj["respond"]] if has_respond else [])
+        rows.append([_probability(v, where) for v in values])
+        if not isinstance(obj["should_refuse"], bool):
+            raise ValueError(f"{where}: 'should_refuse' must be true or false, got {obj['should_refuse']!r}")
+        _add({"prompt": obj["prompt"], "label": obj["should_refuse"], "category": obj.get("category")}, where,
+             prompts, labels, cats, srcs)
+        srcs[-1] = obj.get("source") if isinstance(obj.get("source"), str) else where
+    data = _finish(path, prompts, labels, cats, srcs)
+    return SavedScores(data, np.array(rows, dtype=np.float32), names, bool(has_respond))
+
+
+def _probability(v, where: str) -> float:
+    # null: a NaN probability (an invalid row), refused later like a freshly scored one
+    if v is None:
+        return float("nan")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+        raise ValueError(f"{where}: probabilities must be numbers in [0, 1] or null, got {v!r}")
+    return float(v)
