@@ -218,6 +218,27 @@ def test_memory_and_speed_options_keep_gradients(base, tmp_path, option):
         torch.testing.assert_close(g[k], g_ref[k], rtol=1e-4, atol=1e-6)
 
 
+def test_compile_traces_checkpointed_blocks(base, tmp_path, monkeypatch):
+    # Dynamo skips torch.utils.checkpoint when it is itself the forward: the blocks then ran eager,
+    # silently. The graph-counting backend stands in for inductor (minutes of CPU codegen).
+    graphs, compile_ = [], torch.nn.Module.compile
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    ref = _setup(base, tmp_path)
+    rows = ref.stream.take(4)
+    _, _, g_ref = _grads(ref, rows)
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend=count, **kw))
+    opt = _setup(base, tmp_path, activation_checkpointing=True, compile=True)
+    _, _, g = _grads(opt, rows)
+    assert graphs, "the compiled blocks traced nothing"
+    for k in g_ref:
+        torch.testing.assert_close(g[k], g_ref[k], rtol=1e-4, atol=1e-6)
+
+
 def test_bf16_autocast_close_to_fp32(base, tmp_path):
     ref = _setup(base, tmp_path)
     rows = ref.stream.take(4)

@@ -99,11 +99,17 @@ class SFTModule(nn.Module):
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each block's activations in backward (parameter names are unchanged)."""
-    from torch.utils.checkpoint import checkpoint
     for layer in model.layers:
         if not getattr(layer, "_rtkern_ckpt", False):
-            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+            layer.forward = functools.partial(_checkpointed, type(layer).forward, layer)
             layer._rtkern_ckpt = True
+
+
+def _checkpointed(forward, layer, *args):
+    # A plain function that Dynamo traces into: `partial(checkpoint, layer.forward)` as the forward
+    # would leave a compiled block with nothing traced (checkpoint itself is skipped), so it ran eager.
+    from torch.utils.checkpoint import checkpoint
+    return checkpoint(forward, layer, *args, use_reentrant=False)
 
 
 def use_triton_kernels(model: nn.Module) -> None:
