@@ -164,7 +164,10 @@ def bench_op(op: str, name: str, B: int, dtype, device, impls: Sequence[str], ba
     args = ModelArgs.from_name(name)
     fns, nbytes = make_op(op, args, B, dtype, device)
     if "torch-compile" in impls:
-        fns["torch-compile"] = torch.compile(fns["torch"])
+        # Dynamo caches per code object: the same lambda at 30 shapes would pass the recompile limit and
+        # quietly run eager (or turn dynamic). A fresh cache per point keeps every row static-shape code.
+        torch._dynamo.reset()
+        fns["torch-compile"] = torch.compile(fns["torch"], dynamic=False)
     rows = []
     for impl in (i for i in impls if i in fns):
         row = Row(op, name, B, impl, floor_us=nbytes / bandwidth * 1e6)
