@@ -285,11 +285,12 @@ def _decode_attention(q, k, v, mask):
 def _sdpa(q, k, v, mask):
     causal = mask is None
     if q.shape[1] != k.shape[1]:
-        try:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
-        except TypeError:  # torch < 2.5
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if causal:  # flash attention groups the query heads itself
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        # With a mask (packed rows, padded prefill) only the math backend takes enable_gqa, and it stores
+        # fp32 [B, H, T, T] scores; repeated k/v keep the memory-efficient kernel.
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 

@@ -410,3 +410,23 @@ def test_attn_mask_is_refused_with_a_cache():
                 m(tokens, attn_mask=mask)
         finally:
             m.remove_cache()
+
+
+def test_masked_gqa_attention_repeats_kv_instead_of_enable_gqa(monkeypatch):
+    # On CUDA, enable_gqa with an attn_mask only runs on the math backend (fp32 [B, H, T, T] scores):
+    # packed training rows and padded prefills repeat k/v; the causal (unmasked) path keeps enable_gqa.
+    import torch.nn.functional as F
+    from rtkern.model import _sdpa
+    calls, real = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        calls.append((q.shape[1], k.shape[1], kw.get("enable_gqa", False), kw.get("attn_mask") is not None))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 5, 8, generator=g) for h in (4, 2, 2))
+    masked = _sdpa(q, k, v, torch.ones(5, 5, dtype=torch.bool).tril())
+    causal = _sdpa(q, k, v, None)
+    assert calls == [(4, 4, False, True), (4, 2, True, False)]
+    torch.testing.assert_close(masked, causal)
