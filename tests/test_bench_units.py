@@ -391,14 +391,34 @@ def test_score_rows(monkeypatch, tmp_path):
     monkeypatch.setattr(score, "load_subject", lambda name, device, dtype: (None, object(), None))
     monkeypatch.setattr(score, "hf_view", lambda model: None)
     monkeypatch.setattr(score, "environment", lambda device: {})
-    timed = iter([(2.0, p_hf), (0.5, p_rt)])                       # hf-loop first, then rtkern
+    timed = iter([(2.0, p_hf), (0.5, p_rt), (1.0, p_hf), (0.1, p_rt)])  # hf-loop, then rtkern; timed, cached
     monkeypatch.setattr(score, "_timed", lambda fn, reps, device: next(timed))
-    hf, rt = score.run("m", ["a"] * 6, [4], torch.device("cpu"), "fp32", 1, tmp_path)
-    assert (hf.method, hf.seconds, hf.prompts_s, hf.speedup, hf.max_dp) == ("hf-loop", 2.0, 3.0, 1.0, 0.0)
+    hf, rt, hf_c, rt_c = score.run("m", ["a"] * 6, [4], torch.device("cpu"), "fp32", 1, tmp_path)
+    assert (hf.method, hf.tokenize, hf.seconds, hf.prompts_s, hf.speedup, hf.max_dp) == ("hf-loop", "timed", 2.0, 3.0,
+                                                                                        1.0, 0.0)
     assert (rt.method, rt.seconds, rt.prompts_s, rt.speedup) == ("rtkern", 0.5, 12.0, 4.0)
     assert rt.max_dp == pytest.approx(0.3)
-    assert score.format_table([hf, rt]).splitlines()[2:] == [
-        "| 4 | hf-loop | 6 | 2.000 | 3.0 | 1.00x | 0.0e+00 |", "| 4 | rtkern | 6 | 0.500 | 12.0 | 4.00x | 3.0e-01 |"]
+    assert (hf_c.tokenize, rt_c.tokenize, rt_c.speedup) == ("cached", "cached", 10.0)   # against the cached hf-loop
+    assert score.format_table([hf, rt_c]).splitlines()[2:] == [
+        "| 4 | timed | hf-loop | 6 | 2.000 | 3.0 | 1.00x | 0.0e+00 |",
+        "| 4 | cached | rtkern | 6 | 0.100 | 60.0 | 10.00x | 3.0e-01 |"]
+
+
+def test_cached_chat_renders_each_prompt_once():
+    calls = []
+
+    class Tok:
+        eos_ids = [1]
+
+        def apply_chat_template(self, messages, add_generation_prompt=True):
+            calls.append(messages[0]["content"])
+            return [len(messages[0]["content"]), int(add_generation_prompt)]
+
+    tok = score.CachedChat(Tok())
+    for _ in range(3):
+        assert [tok.apply_chat_template([{"role": "user", "content": p}]) for p in ("ab", "abc")] == [[2, 1], [3, 1]]
+    assert tok.apply_chat_template([{"role": "user", "content": "ab"}], add_generation_prompt=False) == [2, 0]
+    assert calls == ["ab", "abc", "ab"] and tok.eos_ids == [1]
 
 
 def test_score_timing_is_the_median_after_a_warm_up(monkeypatch):

@@ -100,11 +100,12 @@ def test_bench_score(tiny_dir, tmp_path, capsys):
     rc = cli.main(["bench", "score", "--model", str(tiny_dir), "--num-prompts", "6", "--batch-size", "4",
                    "--reps", "1", "--dtype", "fp32", "--out", str(tmp_path)])
     assert rc == 0
-    rows = {r["method"]: r for r in json.loads((tmp_path / "score.json").read_text())["rows"]}
-    assert set(rows) == {"rtkern", "hf-loop"}
-    assert rows["rtkern"]["max_dp"] < 1e-5          # the same probabilities, computed two ways
+    rows = {(r["method"], r["tokenize"]): r for r in json.loads((tmp_path / "score.json").read_text())["rows"]}
+    assert set(rows) == {(m, t) for m in ("rtkern", "hf-loop") for t in ("timed", "cached")}
+    assert all(rows[("rtkern", t)]["max_dp"] < 1e-5 for t in ("timed", "cached"))  # the same numbers, two ways
     assert all(r["prompts"] == 6 and r["prompts_s"] > 0 for r in rows.values())
-    assert "| 4 | rtkern | 6 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| 4 | timed | rtkern | 6 |" in out and "| 4 | cached | rtkern | 6 |" in out
 
 
 def test_bench_train(tiny_dir, tmp_path, capsys):
