@@ -239,6 +239,13 @@ def test_compile_traces_checkpointed_blocks(base, tmp_path, monkeypatch):
         torch.testing.assert_close(g[k], g_ref[k], rtol=1e-4, atol=1e-6)
 
 
+def test_parallel_on_one_process_says_it_is_not_used(base, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="rtkern.train"):
+        tr = _setup(base, tmp_path, parallel="fsdp")
+    assert not tr.fsdp and tr.ddp is None
+    assert "parallel=fsdp: a single process has nothing to shard" in caplog.text
+
+
 def test_bf16_autocast_close_to_fp32(base, tmp_path):
     ref = _setup(base, tmp_path)
     rows = ref.stream.take(4)

@@ -310,6 +310,9 @@ class Trainer:
             self.ddp = DDP(self.module, device_ids=ids)
         if self.dist.is_main and self.dist.world > 1:
             log.info("%s over %d ranks", "FSDP2" if self.fsdp else "DDP", self.dist.world)
+        elif cfg.parallel in ("ddp", "fsdp"):
+            log.warning("parallel=%s: a single process has nothing to shard or replicate; training on one "
+                        "device (launch with torchrun --nproc_per_node N for %s)", cfg.parallel, cfg.parallel.upper())
         self.optimizer = build_optimizer(model, cfg)     # after sharding: it must hold the sharded parameters
         self._stop_signal: int | None = None
 
