@@ -7,6 +7,10 @@ layout, metrics since the last record, config) and ``trainer_state.pt`` (optimiz
 loss since the last metrics record; written with ``torch.save``, read with
 ``torch.load(weights_only=True)``: no pickled code). Directories appear atomically: everything is
 written to a hidden temporary sibling which is then renamed into place.
+
+"Exact" means the resumed run sees the same rows, learning rates, optimizer state and RNG streams as an
+uninterrupted one: on the CPU its losses match bit for bit (tested); on a GPU, kernels whose reductions
+are not deterministic (attention backward, cuBLAS split-K) leave float-rounding differences.
 """
 from __future__ import annotations
 
