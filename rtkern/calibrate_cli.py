@@ -89,8 +89,7 @@ def _run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model, tok = load_model(args.model, device=device, dtype=dtype)
     spec = resolve_spec(tok, args)
-    if args.keep_control and spec.num_categories < 2:
-        raise ValueError(f"--keep-control needs category tokens; the model has {spec.num_categories} refusal token")
+    _check_keep_control(args, spec.num_categories, "the model")
     tok.protect(spec.control_ids)
 
     t0 = time.perf_counter()
@@ -99,11 +98,7 @@ def _run(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    bad = np.flatnonzero(np.isnan(scores).any(axis=1))
-    if bad.size:
-        raise ValueError(f"{bad.size} prompts got NaN probabilities (NaN/inf logits from the model), "
-                         f"first at {data.sources[bad[0]]}")
-
+    _check_finite(scores, data, "got NaN probabilities (NaN/inf logits from the model)")
     analysis = _analyse(scores, data, spec.names, args)
     meta = _meta(args, data, spec, model, seconds)
     files = _write(out, analysis, data, spec.names, spec.respond_id is not None, scores, meta, args, spec)
@@ -115,20 +110,32 @@ def _rerun(args: argparse.Namespace, out: Path) -> int:
     from . import __version__
     from .calibrate_data import load_scores
     saved = load_scores(args.scores)
-    C, data = len(saved.names), saved.data
-    if args.keep_control and C < 2:
-        raise ValueError(f"--keep-control needs category tokens; {args.scores} has {C} refusal token")
-    bad = np.flatnonzero(np.isnan(saved.scores).any(axis=1))
-    if bad.size:
-        raise ValueError(f"{bad.size} prompts have no probabilities (null), first at {data.sources[bad[0]]}")
+    data = saved.data
+    _check_keep_control(args, len(saved.names), args.scores)
+    _check_finite(saved.scores, data, "have no probabilities (null)")
     analysis = _analyse(saved.scores, data, saved.names, args)
-    meta = {"scores": args.scores, "prompts": f"{len(data)} ({int(data.should_refuse.sum())} should refuse, "
-                                              f"{int((~data.should_refuse).sum())} should comply)",
+    meta = {"scores": args.scores, "prompts": _counts(data),
             "refusal tokens": ", ".join(saved.names), "scoring": "none (probabilities read from --scores)",
             "rtkern": __version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     files = _write(out, analysis, data, saved.names, saved.has_respond, saved.scores, meta, args)
     _summary(analysis, files)
     return 0
+
+
+def _check_keep_control(args, num_categories: int, what: str) -> None:
+    if args.keep_control and num_categories < 2:
+        raise ValueError(f"--keep-control needs category tokens; {what} has {num_categories} refusal token")
+
+
+def _check_finite(scores: np.ndarray, data, what: str) -> None:
+    bad = np.flatnonzero(np.isnan(scores).any(axis=1))
+    if bad.size:
+        raise ValueError(f"{bad.size} prompts {what}, first at {data.sources[bad[0]]}")
+
+
+def _counts(data) -> str:
+    refuse = int(data.should_refuse.sum())
+    return f"{len(data)} ({refuse} should refuse, {len(data) - refuse} should comply)"
 
 
 def _out_dir(path: str) -> Path:
@@ -265,8 +272,7 @@ def _meta(args, data, spec: RefusalSpec, model, seconds: float) -> dict:
     tokens = ", ".join(f"{name}={i}" for name, i in zip(spec.names, spec.refusal_ids))
     return {
         "model": args.model, "data": ", ".join(args.data),
-        "prompts": f"{n} ({int(data.should_refuse.sum())} should refuse, {int((~data.should_refuse).sum())} "
-                   f"should comply)" + (f", --limit {args.limit}" if args.limit else ""),
+        "prompts": _counts(data) + (f", --limit {args.limit}" if args.limit else ""),
         "refusal tokens": tokens, "respond token": spec.respond_id,
         "scoring": f"{seconds:.2f} s, {n / max(seconds, 1e-9):.1f} prompts/s (batch {args.batch_size}, "
                    f"{p.device}, {str(p.dtype).replace('torch.', '')})",
