@@ -46,6 +46,30 @@ def test_speculative_rows_of_one_request_decide_once():
     torch.testing.assert_close(got[1:], torch.stack([masked(z[1]), masked(z[2])]))
 
 
+def test_one_entry_per_request_for_its_draft_rows():
+    proc = rs.make_logit_processor(SPEC, thresholds=0.0)()
+    z = make_logits(4)
+    got = proc(z.clone(), [req(), req(7)])   # before SGLang 0.5: one entry per request, 2 draft rows each
+    torch.testing.assert_close(got[0], one_row(z[0], thresholds=0.0)[0])
+    torch.testing.assert_close(got[1:], torch.stack([masked(r) for r in z[1:]]))
+    with pytest.raises(ValueError, match="custom_param_list has 3 entries for 4 logits rows"):
+        proc(z.clone(), [req(), req(), req()])
+
+
+@pytest.mark.parametrize("field", ["extend_end", "fill_ids"])   # SGLang 0.5.x, and before
+def test_chunked_prefill_decides_on_the_chunk_that_ends_the_prompt(field):
+    proc = rs.make_logit_processor(SPEC, thresholds=0.0)()
+    r = SimpleNamespace(output_ids=[], origin_input_ids=list(range(10)))
+    p = {"__req__": r}
+    z = make_logits(1)
+    setattr(r, field, 4 if field == "extend_end" else list(range(4)))
+    torch.testing.assert_close(proc(z.clone(), [p])[0], masked(z[0]))   # a middle chunk: token discarded
+    assert proc.last_rows is None
+    setattr(r, field, 10 if field == "extend_end" else list(range(10)))   # the chunk that ends the prompt
+    torch.testing.assert_close(proc(z.clone(), [p])[0], one_row(z[0], thresholds=0.0)[0])
+    assert proc.last_rows.tolist() == [0]
+
+
 def test_requests_without_custom_params_are_masked_with_a_warning(caplog):
     proc = rs.make_logit_processor(SPEC)()
     rs.RefusalLogitProcessor._warned = False

@@ -17,10 +17,12 @@ dict. So **pass** ``custom_params`` **(at least** ``{}`` **) with every request*
 processor cannot tell the first generated position, masks the control tokens everywhere, and logs a
 warning.
 
-A row takes the refusal decision when its request has no output token yet and has not been decided
-before. The "decided" mark is kept in the request's own ``custom_params`` dict, which is private to
-that request. This keeps the decision from happening twice under the overlap scheduler, where
-``output_ids`` can lag one step. Every other row has the control tokens set to -inf.
+A row takes the refusal decision when its request has no output token yet, this forward ends its
+prompt (under chunked prefill SGLang also samples, and discards, a token after each earlier chunk), and
+it has not been decided before. The "decided" mark is kept in the request's own ``custom_params``
+dict, which is private to that request. This keeps the decision from happening twice under the
+overlap scheduler, where ``output_ids`` can lag one step. Every other row has the control tokens set
+to -inf.
 
 Usage
 -----
@@ -87,6 +89,10 @@ class RefusalLogitProcessor(_SGLangBase):
                              "rtkern.adapters.sglang.make_logit_processor(spec)")
         check_logits(logits, spec)
         params = list(custom_param_list) if custom_param_list is not None else [None] * logits.shape[0]
+        if params and len(params) < logits.shape[0] and logits.shape[0] % len(params) == 0:
+            # Speculative decoding before SGLang 0.5 passed one entry per request for its draft-token rows
+            # (request-major); 0.5.23 repeats each request's entry per row.
+            params = [p for p in params for _ in range(logits.shape[0] // len(params))]
         if len(params) != logits.shape[0]:
             raise ValueError(f"custom_param_list has {len(params)} entries for {logits.shape[0]} logits rows")
         rows, controls = [], []
@@ -107,7 +113,8 @@ class RefusalLogitProcessor(_SGLangBase):
                             "position is unknown and it only gets the control tokens masked; pass "
                             "custom_params={} (or refusal arguments) with every request")
             return False
-        return not p.get(_DECIDED) and len(p["__req__"].output_ids) == 0
+        r = p["__req__"]
+        return not p.get(_DECIDED) and len(r.output_ids) == 0 and _prompt_done(r)
 
     def _controls(self, row: int, p: Mapping):
         cls = type(self)
@@ -118,6 +125,16 @@ class RefusalLogitProcessor(_SGLangBase):
             log.warning("rtkern refusal processor: ignoring bad refusal arguments of row %d (%s); using "
                         "the defaults", row, e)
             return request_controls(cls.spec, None, **defaults)
+
+
+def _prompt_done(r) -> bool:
+    # Chunked prefill samples (and discards) a token after every chunk; only the chunk that ends the
+    # prompt is the first position. A request without these fields counts as done.
+    end = getattr(r, "extend_end", None)    # SGLang 0.5: this forward fills up to extend_end
+    if end is None and getattr(r, "fill_ids", None) is not None:
+        end = len(r.fill_ids)               # before: fill_ids, truncated to the chunk
+    prompt = getattr(r, "origin_input_ids", None)
+    return end is None or prompt is None or end >= len(prompt)
 
 
 def validate_custom_params(processor: type, custom_params: Optional[Mapping[str, Any]]) -> None:
