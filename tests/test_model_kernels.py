@@ -69,10 +69,18 @@ def test_norm_epsilon_is_applied_and_zero_is_allowed(eps):
                                fused_linear_reference(x, w, norm_weight=nw, eps=eps), **TOL[torch.float32])
 
 
-def _exact_half_gemms(monkeypatch):
-    # cuBLAS may reduce half-precision GEMMs in half precision; the reference must round once, as the kernels do
-    for flag in ("allow_bf16_reduced_precision_reduction", "allow_fp16_reduced_precision_reduction"):
-        monkeypatch.setattr(torch.backends.cuda.matmul, flag, False)
+@pytest.fixture
+def exact_half_gemms():
+    # cuBLAS may reduce half-precision GEMMs in half precision; the reference must round once, as the kernels do.
+    # Restored by hand: the flags live behind the module's __getattr__, which pytest 9.2's monkeypatch cannot undo.
+    matmul = torch.backends.cuda.matmul
+    saved = {f: getattr(matmul, f) for f in ("allow_bf16_reduced_precision_reduction",
+                                              "allow_fp16_reduced_precision_reduction")}
+    for flag in saved:
+        setattr(matmul, flag, False)
+    yield
+    for flag, value in saved.items():
+        setattr(matmul, flag, value)
 
 
 def _mostly_bit_equal(got, want, dtype):
@@ -84,8 +92,7 @@ def _mostly_bit_equal(got, want, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_results_round_like_torch(dtype, monkeypatch):
-    _exact_half_gemms(monkeypatch)
+def test_half_precision_results_round_like_torch(dtype, exact_half_gemms):
     x, w = _randn(5, 1000, dtype=dtype, seed=17), _randn(1000, dtype=dtype, seed=18)
     res = _randn(5, 1000, dtype=dtype, seed=19, scale=4.0)
     _mostly_bit_equal(add_rmsnorm(x, w, 1e-5, res)[0], add_rmsnorm_reference(x, w, 1e-5, res)[0], dtype)
@@ -296,11 +303,10 @@ def test_attention_out_proj_matches_attention_then_projection(dtype, B, H, n_kv,
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("S", [33, 50])
-def test_attention_out_proj_merges_several_chunks(dtype, S, monkeypatch):
+def test_attention_out_proj_merges_several_chunks(dtype, S, exact_half_gemms):
     # On the CPU the planner picks one chunk for every shape above; chunk=16 gives 3 and 4 chunks, so the
     # merge prologue combines chunks, including a padded (non power of two) chunk count and dead chunks.
     # In half precision it also rounds where the unfused path does: the merged row, then the GEMM output.
-    _exact_half_gemms(monkeypatch)
     B, H, n_kv, Dh, N = 3, 6, 2, 24, 40
     k, v = _caches(B, n_kv, S, Dh, dtype, seed=S)
     q = _randn(B, H, Dh, dtype=dtype, seed=S + 1)

@@ -71,7 +71,7 @@ def test_bf16_autocast_runs_the_head_matmul_in_bf16(chunk):
     rh, rw = torch.autograd.grad(ref16, (h, w))
     ref32 = F.cross_entropy(h @ w.t(), y, reduction="sum")
     fh, fw = torch.autograd.grad(ref32, (h, w))
-    assert abs(float(ref16) - float(ref32)) > 0.05             # bf16 rounding is visible at this size
+    assert abs(ref16.item() - ref32.item()) > 0.05             # bf16 rounding is visible at this size
     torch.testing.assert_close(got, ref16, rtol=0, atol=2e-3)  # (chunked log-sum-exp order: ~1e-4)
     # gradients: bf16 too (allowing for an odd flipped bf16 rounding of softmax - onehot); grad_w only
     # in one chunk, since across chunks it sums bf16 partial products in float32 (closer than ref16)
