@@ -1,10 +1,18 @@
 """argparse ``type`` functions shared by the CLIs: values checked while parsing, so a bad flag is a usage
-error (exit status 2) before any model loads."""
+error (exit status 2) before any model loads. `positive_int` is the same kind of check for a value passed
+from Python."""
 from __future__ import annotations
 
 import argparse
 import math
 from typing import Callable
+
+
+def positive_int(value, name: str) -> int:
+    """``value`` when it is an int >= 1 (not a bool); else ValueError naming ``name`` and the value."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:

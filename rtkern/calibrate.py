@@ -21,6 +21,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .argtypes import positive_int
 from .reference import decide
 from .sampler import refusal_probs
 from .spec import RefusalControls, RefusalSpec
@@ -66,8 +67,7 @@ def score(model: torch.nn.Module, tokenizer, prompts: Sequence[Prompt], spec: Re
     """
     if not isinstance(spec, RefusalSpec):
         raise TypeError(f"spec must be a RefusalSpec, got {type(spec).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    positive_int(batch_size, "batch_size")
     if isinstance(prompts, (str, bytes)):
         raise TypeError("prompts must be a sequence of prompts, got a single string")
     ids = [_render(tokenizer, p, i) for i, p in enumerate(prompts)]
@@ -107,9 +107,7 @@ def _render(tokenizer, prompt: Prompt, index: int) -> list[int]:
 
 def _max_length(model, max_length: Optional[int]) -> Optional[int]:
     if max_length is not None:
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
-        return max_length
+        return positive_int(max_length, "max_length")
     args = getattr(model, "args", None)
     return getattr(args, "max_position_embeddings", None)
 

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .argtypes import positive_int
 from .calibrate import OFF, Choice, _check_rate, _labels
 
 PAIR_LOOKAHEAD = 8  # 8 x 8 x C(C, 2) trials per stuck step: 640 for five categories
@@ -101,8 +102,7 @@ def choose_controllable(probs, should_refuse, category, max_rate: float, *, min_
         raise ValueError(f"keeping categories switchable needs several category tokens, got {C}")
     for value, what in ((max_rate, "max_rate"), (min_drop, "min_drop"), (max_move, "max_move")):
         _check_rate(value, what)
-    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 1:
-        raise ValueError(f"lookahead must be a positive integer, got {lookahead!r}")
+    positive_int(lookahead, "lookahead")
     if not (y & (c >= 0)).any():
         raise ValueError("keeping categories switchable needs should-refuse prompts with a category")
     members = _members(y, c, C)

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .argtypes import positive_int
 from .spec import CATEGORIES
 
 COCONOT_ORIGINAL = "coconot_eval.jsonl"
@@ -227,8 +228,7 @@ def _finish(path: Path, prompts, labels, cats, srcs) -> LabelledPrompts:
 def even_subset(data: LabelledPrompts, limit: int) -> LabelledPrompts:
     """At most ``limit`` prompts of each label, evenly spaced through the file order (so every category
     of a file sorted by category still appears)."""
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ValueError(f"limit must be a positive int, got {limit!r}")
+    positive_int(limit, "limit")
     keep = []
     for label in (True, False):
         idx = np.flatnonzero(data.should_refuse == label)

@@ -18,6 +18,7 @@ from typing import Optional, Union
 import torch
 
 from . import fused_decode
+from .argtypes import positive_int
 from .adapters._common import per_category, thresholds_and_mode
 from .kernels._common import INTERPRET_HINT, triton_runs_on
 from .model import Transformer
@@ -134,9 +135,8 @@ class Engine:
             raise TypeError(f"spec must be a RefusalSpec or None, got {type(spec).__name__}")
         if spec is None and tokenizer is None:
             raise TypeError("without a tokenizer the engine cannot find the control tokens: pass spec=RefusalSpec(...)")
-        for name, v in (("max_batch", max_batch), ("check_every", check_every)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        positive_int(max_batch, "max_batch")
+        positive_int(check_every, "check_every")
         for name, v in (("compile", compile), ("cuda_graphs", cuda_graphs)):
             if v is not None and not isinstance(v, bool):
                 raise TypeError(f"{name} must be a bool, got {v!r}")

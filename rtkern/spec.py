@@ -12,6 +12,8 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from .argtypes import positive_int
+
 CATEGORIES = (
     "Humanizing requests",
     "Incomplete requests",
@@ -293,10 +295,8 @@ class RefusalControls:
         ``logit_bias`` also a per-category ``[C]`` or full ``[B, C]`` tensor (a length-C 1-D input is
         per-category). Raises ValueError/TypeError on bad shapes or values.
         """
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be a positive int, got {batch!r}")
-        if isinstance(num_categories, bool) or not isinstance(num_categories, int) or num_categories < 1:
-            raise ValueError(f"num_categories must be a positive int, got {num_categories!r}")
+        positive_int(batch, "batch")
+        positive_int(num_categories, "num_categories")
         device = torch.device(device if device is not None else "cpu")
         c = cls(
             thresholds=_per_category("thresholds", thresholds, batch, num_categories, device),

@@ -161,7 +161,7 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="max_move must be"):
         choose_controllable(probs, y, cat, 0.1, max_move=True)
     for bad in (0, True, 2.5):
-        with pytest.raises(ValueError, match="lookahead must be a positive integer"):
+        with pytest.raises(ValueError, match=r"lookahead must be a positive int, got "):
             choose_controllable(probs, y, cat, 0.1, lookahead=bad)
     with pytest.raises(ValueError, match="should-refuse prompts with a category"):
         choose_controllable(probs, y, np.full(len(y), -1), 0.1)

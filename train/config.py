@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..argtypes import positive_int
+
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 PARALLEL_MODES = ("auto", "ddp", "fsdp")
 
@@ -96,9 +98,7 @@ class TrainConfig:
         if self.parallel not in PARALLEL_MODES:
             raise ValueError(f"parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
         for name in ("seq_len", "batch_size", "grad_accum", "ce_chunk", "pad_multiple", "log_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            positive_int(getattr(self, name), name)
         for name in ("max_steps", "epoch_examples", "warmup_steps"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
