@@ -1,10 +1,10 @@
 """Calibration: score prompts once, then sweep refusal thresholds offline.
 
-`score` runs one batched prefill per chunk of prompts and returns the first-token probability of every
-control token. Everything else here is plain numpy on those scores: the rule-2 decisions of the
-sampler, refusal rates per category against threshold sweeps, ROC/AUROC, precision/recall/F1, and the
-choice of per-category thresholds (target refusal rate, maximum over-refusal, best F1; the search in
-`rtkern.calibrate_control` also keeps every category switchable).
+`score` (from `rtkern.scoring`) runs one batched prefill per chunk of prompts and returns the
+first-token probability of every control token. Everything else here is plain numpy on those scores:
+the rule-2 decisions of the sampler, refusal rates per category against threshold sweeps, ROC/AUROC,
+precision/recall/F1, and the choice of per-category thresholds (target refusal rate, maximum
+over-refusal, best F1; the search in `rtkern.calibrate_control` also keeps every category switchable).
 
 Conventions for the metric functions: ``probs`` is float32 ``[N, C]`` (refusal tokens only, spec
 order); ``should_refuse`` is bool ``[N]``; ``category`` is int ``[N]``, the index of each prompt's
@@ -13,167 +13,18 @@ a value above 1 switches a category off.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from .argtypes import positive_int
 from .reference import decide
-from .sampler import refusal_probs
-from .spec import RefusalControls, RefusalSpec
+from .scoring import Prompt, Scorer, last_position_logits, score  # noqa: F401  (re-exported)
+from .spec import RefusalControls
 
 OFF = 2.0  # any threshold above 1 switches a category off; 2.0 is exact in float32 and JSON
-Prompt = Union[str, Sequence[dict]]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Scoring
-# ---------------------------------------------------------------------------------------------------
-
-def score(model: torch.nn.Module, tokenizer, prompts: Sequence[Prompt], spec: RefusalSpec, *,
-          batch_size: int = 16, max_length: Optional[int] = None, progress: bool = True) -> torch.Tensor:
-    """First-token probabilities of every control token for each prompt.
-
-    Each prompt (a user message string, or a list of chat messages) is rendered with the tokenizer's
-    chat template and ``add_generation_prompt=True``, as generation does. Prompts are sorted by length
-    into chunks of ``batch_size``, right-padded, and each chunk takes one forward pass; the logits are
-    read at each row's last real position. Right padding under causal attention never reaches a real
-    position, so the result does not depend on the batch composition.
-
-    Parameters
-    ----------
-    model : rtkern.model.Transformer (or any module mapping int64 ``[B, T]`` to logits ``[B, T, V]``)
-    tokenizer : rtkern.tokenizer.Tokenizer
-    prompts : sequence of str or of message lists, length N
-    spec : RefusalSpec
-    batch_size : int
-        Prompts per forward pass.
-    max_length : int, optional
-        Longest allowed rendered prompt (default: the model's ``max_position_embeddings`` when known).
-        A longer prompt raises ValueError rather than being silently truncated.
-    progress : bool
-        Show a tqdm progress bar.
-
-    Returns
-    -------
-    torch.Tensor
-        float32 ``[N, C]`` on the CPU, or ``[N, C + 1]`` when the spec has ``[respond]`` (its
-        probability is the last column). Softmax at temperature 1 over the full vocabulary, the same
-        numbers as `rtkern.refusal_probs` on the generation logits.
-    """
-    if not isinstance(spec, RefusalSpec):
-        raise TypeError(f"spec must be a RefusalSpec, got {type(spec).__name__}")
-    positive_int(batch_size, "batch_size")
-    if isinstance(prompts, (str, bytes)):
-        raise TypeError("prompts must be a sequence of prompts, got a single string")
-    ids = [_render(tokenizer, p, i) for i, p in enumerate(prompts)]
-    _check_lengths(ids, _max_length(model, max_length))
-    vocab = _vocab_size(model)
-    if vocab is not None:
-        spec.check_vocab(vocab)
-    # Every control token as a "refusal" column: one refusal_probs call gives [respond] as well.
-    probe = RefusalSpec(spec.control_ids, None, [str(i) for i in spec.control_ids])
-    out = torch.empty(len(ids), len(spec.control_ids), dtype=torch.float32)
-    device = _device(model)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    from tqdm.auto import tqdm
-    with torch.inference_mode(), tqdm(total=len(ids), desc="scoring", unit="prompt", disable=not progress) as bar:
-        for chunk in chunks:
-            tokens, last = _pad_right([ids[i] for i in chunk], device)
-            logits = last_position_logits(model, tokens, last)
-            out[torch.tensor(chunk)] = refusal_probs(logits.contiguous(), probe).float().cpu()
-            bar.update(len(chunk))
-    return out
-
-
-def _render(tokenizer, prompt: Prompt, index: int) -> list[int]:
-    if isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt}]
-    elif isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt) and prompt:
-        messages = list(prompt)
-    else:
-        raise TypeError(f"prompt {index} must be a string or a non-empty list of message dicts, "
-                        f"got {type(prompt).__name__}")
-    ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-    if not ids:
-        raise ValueError(f"prompt {index} rendered to no tokens")
-    return ids
-
-
-def _max_length(model, max_length: Optional[int]) -> Optional[int]:
-    if max_length is not None:
-        return positive_int(max_length, "max_length")
-    args = getattr(model, "args", None)
-    return getattr(args, "max_position_embeddings", None)
-
-
-def _check_lengths(ids: list[list[int]], max_length: Optional[int]) -> None:
-    if max_length is None:
-        return
-    for i, row in enumerate(ids):
-        if len(row) > max_length:
-            raise ValueError(f"prompt {i} is {len(row)} tokens after the chat template, "
-                             f"longer than max_length={max_length}")
-
-
-def _vocab_size(model) -> Optional[int]:
-    head = getattr(model, "lm_head", None)
-    return head.weight.shape[0] if isinstance(head, torch.nn.Linear) else None
-
-
-def _device(model) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _pad_right(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    # Pad id 0: any in-range id works, padded positions come after every real one.
-    T = max(len(r) for r in rows)
-    tokens = torch.zeros(len(rows), T, dtype=torch.int64)
-    for b, r in enumerate(rows):
-        tokens[b, :len(r)] = torch.tensor(r, dtype=torch.int64)
-    last = torch.tensor([len(r) - 1 for r in rows], dtype=torch.int64)
-    return tokens.to(device), last.to(device)
-
-
-def last_position_logits(model: torch.nn.Module, tokens: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """Logits at one position per row.
-
-    A model whose forward takes ``logits_index`` (rtkern's `Transformer`) runs the head on those
-    positions only, as the engine's prefill does; any other module is run in full and indexed.
-
-    Parameters
-    ----------
-    model : module mapping int64 ``[B, T]`` to logits ``[B, T, V]`` (or an object with ``.logits``)
-    tokens : int64 ``[B, T]``
-    last : int64 ``[B]``
-        Position to read in each row.
-
-    Returns
-    -------
-    torch.Tensor
-        ``[B, V]`` in the model's dtype.
-    """
-    if getattr(model, "max_seq", 0) > 0:
-        # Scoring runs without a cache; with one the forward would overwrite (and be bounded by) it.
-        raise ValueError("the model has a KV cache attached; call model.remove_cache() before scoring")
-    if _takes_logits_index(model):
-        return model(tokens, logits_index=last)
-    out = model(tokens)
-    return getattr(out, "logits", out)[torch.arange(tokens.shape[0], device=tokens.device), last]
-
-
-def _takes_logits_index(model) -> bool:
-    try:
-        return "logits_index" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
 
 # ---------------------------------------------------------------------------------------------------
 # Decisions and rates
