@@ -40,7 +40,8 @@ for part in $PARTS; do
       done ;;
     tests)
       timeout 300 python3 -m pytest tests/test_sampler.py tests/test_sampler_api.py tests/test_engine.py \
-        tests/test_graph_safe.py tests/test_model_kernels.py -q --maxfail=5 -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
+        tests/test_graph_safe.py tests/test_model_kernels.py tests/test_scoring.py \
+        -q --maxfail=5 -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
       echo "pytest rc=$?" >> "$OUT/pytest.txt"; tail -n 3 "$OUT/pytest.txt" ;;
     sampler)
       timeout 150 python3 -m rtkern.cli bench sampler --no-progress --out "$OUT" > "$OUT/sampler.txt" 2>&1

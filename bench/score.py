@@ -1,17 +1,20 @@
-"""Scoring throughput: ``rtkern.calibrate.score`` against the Hugging Face forward loop a user would write.
+"""Scoring throughput: ``rtkern.scoring.score`` against the Hugging Face forward loop a user would write.
 
 Both compute the first-token probability of every control token for the same prompts, ``--batch-size``
 prompts per forward pass, on the same weight tensors:
 
-============  ===========================================================================================
-method        what runs
-============  ===========================================================================================
-``rtkern``    `rtkern.calibrate.score`: prompts sorted by length into chunks, right-padded, the LM head
-              only on each row's last real position, `rtkern.refusal_probs` on those logits
-``hf-loop``   transformers ``LlamaForCausalLM`` (its default attention) over the prompts in their given
-              order, right-padded with an attention mask, full ``[B, T, V]`` logits, the last real
-              position's float32 softmax, the control columns gathered
-============  ===========================================================================================
+=================  ======================================================================================
+method             what runs
+=================  ======================================================================================
+``rtkern``         `rtkern.scoring.score`: prompts sorted by length into chunks, right-padded, the LM
+                   head only on each row's last real position, `rtkern.refusal_probs` on those logits
+``rtkern-graphs``  (CUDA only) a kept `rtkern.scoring.Scorer` with ``cuda_graphs=True``: the same, each
+                   chunk padded to the batch size and a multiple of 32 tokens and replayed from the CUDA
+                   graph of that shape (captured in the untimed warm-up pass)
+``hf-loop``        transformers ``LlamaForCausalLM`` (its default attention) over the prompts in their
+                   given order, right-padded with an attention mask, full ``[B, T, V]`` logits, the last
+                   real position's float32 softmax, the control columns gathered
+=================  ======================================================================================
 
 ``prompts/s`` is the median over ``--reps`` full passes (the first pass, untimed, warms up);
 ``speedup`` is relative to ``hf-loop`` with the same ``tokenize``: ``timed`` renders every prompt's chat
@@ -38,14 +41,14 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from rtkern.argtypes import int_at_least
-from rtkern.calibrate import score
+from rtkern.scoring import Scorer, score
 from rtkern.spec import RefusalSpec
 
 from .decode import hf_view, load_subject
 from .sampler import DTYPES, environment
 
 DEFAULT_OUT = Path("results") / "bench-score"
-METHODS = ("rtkern", "hf-loop")
+METHODS = ("rtkern", "rtkern-graphs", "hf-loop")
 _WORDS = ("how do i make the best pasta sauce for a dinner party tonight please explain each step and why "
           "what is the capital of a country nobody has heard of write me a poem about the sea").split()
 
@@ -124,13 +127,21 @@ def run(model_name: str, prompts: Sequence[str], batch_sizes: Sequence[int], dev
     for bs in batch_sizes:
         for mode, t in (("timed", tok), ("cached", CachedChat(tok))):   # the warm-up pass fills the cache
             t_hf, p_hf = _timed(lambda: hf_loop(hf, t, prompts, spec, bs), reps, device)
-            t_rt, p_rt = _timed(lambda: score(model, t, prompts, spec, batch_size=bs, progress=False), reps, device)
             rows.append(Row("hf-loop", bs, n, mode, t_hf, n / t_hf, 1.0, 0.0))
-            rows.append(Row("rtkern", bs, n, mode, t_rt, n / t_rt, t_hf / t_rt, float((p_rt - p_hf).abs().max())))
+            for method, fn in _rtkern_methods(model, t, prompts, spec, bs, device):
+                t_rt, p_rt = _timed(fn, reps, device)
+                rows.append(Row(method, bs, n, mode, t_rt, n / t_rt, t_hf / t_rt, float((p_rt - p_hf).abs().max())))
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"env": environment(device), "model": model_name, "dtype": dtype, "reps": reps, "argv": sys.argv}
     (out_dir / "score.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
     return rows
+
+
+def _rtkern_methods(model, tok, prompts, spec, bs, device):
+    yield "rtkern", lambda: score(model, tok, prompts, spec, batch_size=bs, progress=False)
+    if device.type == "cuda":
+        scorer = Scorer(model, tok, spec, batch_size=bs, cuda_graphs=True)   # the warm-up pass captures
+        yield "rtkern-graphs", lambda: scorer(prompts, progress=False)
 
 
 def format_table(rows: Sequence[Row]) -> str:

@@ -57,7 +57,7 @@ _BENCHES = {
     "sampler": "fused refusal sampler vs naive PyTorch / CUDA graph / torch.compile / FlashInfer",
     "decode": "decode ms/step and tok/s: rtkern engine vs transformers generate and gpt-fast style",
     "kernels": "decoder Triton kernels (RMSNorm, RoPE+cache, decode attention, SwiGLU) vs torch",
-    "score": "first-token refusal scoring throughput: rtkern.calibrate.score vs a transformers forward loop",
+    "score": "first-token refusal scoring throughput: rtkern.scoring.score vs a transformers forward loop",
     "train": "SFT step throughput and peak memory: rtkern trainer vs a transformers training loop",
 }
 for _name, _help in _BENCHES.items():

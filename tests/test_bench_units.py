@@ -404,6 +404,37 @@ def test_score_rows(monkeypatch, tmp_path):
         "| 4 | cached | rtkern | 6 | 0.100 | 60.0 | 10.00x | 3.0e-01 |"]
 
 
+def test_score_adds_a_kept_graph_scorer_on_cuda(monkeypatch, tmp_path):
+    made = []
+
+    class FakeScorer:  # records how the bench builds it; CUDA graphs themselves are tested on a GPU
+        def __init__(self, model, tok, spec, *, batch_size, cuda_graphs):
+            made.append((batch_size, cuda_graphs))
+
+        def __call__(self, prompts, progress=True):
+            return ("graphs", len(prompts), progress)
+
+    monkeypatch.setattr(score, "Scorer", FakeScorer)
+    monkeypatch.setattr(score, "load_subject", lambda name, device, dtype: (None, object(), None))
+    monkeypatch.setattr(score, "hf_view", lambda model: None)
+    monkeypatch.setattr(score, "environment", lambda device: {})
+    ran = []
+
+    def timed(fn, reps, device):
+        ran.append(fn())
+        return 1.0, torch.zeros(2, 2)
+
+    monkeypatch.setattr(score, "_timed", timed)
+    monkeypatch.setattr(score, "hf_loop", lambda *a: "hf")
+    monkeypatch.setattr(score, "score", lambda *a, **k: "eager")
+    rows = score.run("m", ["a"] * 2, [4, 8], torch.device("cuda"), "bf16", 1, tmp_path)
+    assert [(r.method, r.batch_size, r.tokenize) for r in rows[:6]] == [
+        ("hf-loop", 4, "timed"), ("rtkern", 4, "timed"), ("rtkern-graphs", 4, "timed"),
+        ("hf-loop", 4, "cached"), ("rtkern", 4, "cached"), ("rtkern-graphs", 4, "cached")]
+    assert len(rows) == 12 and made == [(4, True), (4, True), (8, True), (8, True)]
+    assert ran[:3] == ["hf", "eager", ("graphs", 2, False)]
+
+
 def test_cached_chat_renders_each_prompt_once():
     calls = []
 
