@@ -70,8 +70,9 @@ class Scorer:
         Pad every chunk to ``batch_size`` rows and a multiple of ``bucket`` tokens and replay one CUDA
         graph per padded length (captured on first use). Needs the model on CUDA.
     bucket : int, optional
-        Pad each chunk's length to a multiple of this (default 32 with ``cuda_graphs``, else no
-        padding beyond the chunk's longest prompt). Fewer buckets mean fewer captures and more padding.
+        Pad each chunk to ``batch_size`` rows and its length to a multiple of this (default 32 with
+        ``cuda_graphs``; without either, a chunk is as long as its longest prompt and no wider than its
+        prompts). A larger bucket means fewer captures and more padding.
 
     Examples
     --------
