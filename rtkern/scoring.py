@@ -108,7 +108,7 @@ class Scorer:
         """Probabilities ``[N, len(spec.control_ids)]`` float32 on the CPU, as `score` returns them."""
         if isinstance(prompts, (str, bytes)):
             raise TypeError("prompts must be a sequence of prompts, got a single string")
-        ids = [_render(self.tokenizer, p, i) for i, p in enumerate(prompts)]
+        ids = _render_all(self.tokenizer, prompts)
         _check_lengths(ids, self.max_length)
         _check_no_cache(self.model)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -219,18 +219,25 @@ def _takes_logits_index(model) -> bool:
         return False
 
 
-def _render(tokenizer, prompt: Prompt, index: int) -> list[int]:
-    if isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt}]
-    elif isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt) and prompt:
-        messages = list(prompt)
+def _render_all(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
+    conversations = [_messages(p, i) for i, p in enumerate(prompts)]
+    if hasattr(tokenizer, "apply_chat_template_batch"):  # rtkern's Tokenizer: one batched encode
+        ids = [list(r) for r in tokenizer.apply_chat_template_batch(conversations, add_generation_prompt=True)]
     else:
-        raise TypeError(f"prompt {index} must be a string or a non-empty list of message dicts, "
-                        f"got {type(prompt).__name__}")
-    ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-    if not ids:
-        raise ValueError(f"prompt {index} rendered to no tokens")
+        ids = [list(tokenizer.apply_chat_template(m, add_generation_prompt=True)) for m in conversations]
+    for i, row in enumerate(ids):
+        if not row:
+            raise ValueError(f"prompt {i} rendered to no tokens")
     return ids
+
+
+def _messages(prompt: Prompt, index: int) -> list[dict]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt) and prompt:
+        return list(prompt)
+    raise TypeError(f"prompt {index} must be a string or a non-empty list of message dicts, "
+                    f"got {type(prompt).__name__}")
 
 
 def _max_length(model, max_length: Optional[int]) -> Optional[int]:

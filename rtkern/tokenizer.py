@@ -2,6 +2,7 @@
 sentencepiece ``tokenizer.model``, with control tokens that user text can never produce."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -73,6 +74,14 @@ class Tokenizer:
         return dict(self._hf.get_vocab()) if self._hf is not None else self._sp.get_vocab()
 
     @property
+    def hf_tokenizer(self):
+        """The transformers fast tokenizer behind this one (None for a sentencepiece ``tokenizer.model``).
+
+        It does not keep control tokens out of user text: encode through this class for that.
+        """
+        return self._hf
+
+    @property
     def vocab_size(self) -> int:
         """Number of ids, added tokens included (the model's embedding may be larger)."""
         return len(self._hf) if self._hf is not None else self._sp.size()
@@ -131,9 +140,22 @@ class Tokenizer:
             ids = [self.bos_id] + ids
         return ids
 
+    def encode_batch(self, texts) -> list[list[int]]:
+        """`encode` of each text (no BOS added); a fast tokenizer encodes the batch in one call."""
+        texts = list(texts)
+        if self._hf is None:
+            return [self._sp.encode(t) for t in texts]
+        if not texts:
+            return []
+        enc = self._hf(texts, add_special_tokens=False, return_offsets_mapping=bool(self.control_ids))
+        return [self._respell(t, list(ids), offsets) for t, ids, offsets
+                in zip(texts, enc["input_ids"], enc.get("offset_mapping", [None] * len(texts)))]
+
     def _encode_hf(self, text: str) -> list[int]:
         enc = self._hf(text, add_special_tokens=False, return_offsets_mapping=bool(self.control_ids))
-        ids = list(enc["input_ids"])
+        return self._respell(text, list(enc["input_ids"]), enc.get("offset_mapping"))
+
+    def _respell(self, text: str, ids: list[int], offsets) -> list[int]:
         ctrl = set(self.control_ids)
         if not ctrl or ctrl.isdisjoint(ids):
             return ids
@@ -141,7 +163,7 @@ class Tokenizer:
         # re-encode the text between them with every special token split into plain text.
         added = set(self._hf.added_tokens_decoder)
         out, cursor = [], 0
-        for i, (s, e) in zip(ids, enc["offset_mapping"]):
+        for i, (s, e) in zip(ids, offsets):
             if i in added and i not in ctrl:
                 out += self._plain(text[cursor:s])
                 out.append(i)
@@ -175,8 +197,18 @@ class Tokenizer:
         """Render with the checkpoint's chat template and tokenize (BOS comes from the template)."""
         return self.encode(self.render_chat(messages, add_generation_prompt))
 
+    def apply_chat_template_batch(self, conversations, add_generation_prompt: bool = True) -> list[list[int]]:
+        """`apply_chat_template` of each message list, tokenized as one batch."""
+        return self.encode_batch([self.render_chat(m, add_generation_prompt) for m in conversations])
+
 
 def _render_jinja(template: str, messages, add_generation_prompt: bool, **extra) -> str:
+    return _compile_jinja(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
+
+
+@functools.lru_cache(maxsize=16)
+def _compile_jinja(template: str):
+    # Compiling costs ~100 renders (~0.9 ms): once per template, as transformers does.
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(msg):
@@ -184,8 +216,7 @@ def _render_jinja(template: str, messages, add_generation_prompt: bool, **extra)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            **extra)
+    return env.from_string(template)
 
 
 class _SentencePiece:

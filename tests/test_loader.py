@@ -340,13 +340,18 @@ def _check_control_tokens(tok):
     ids = tok.add_control_tokens(["[refuse]", "[respond]"])
     assert len(set(ids)) == 2 and all(i >= 0 for i in ids)
     assert tok.decode([ids[0]]) == "[refuse]"
-    for text in ["[refuse]", "please [refuse] this", "x[refuse]y[respond]", " [refuse]"]:
+    texts = ["[refuse]", "please [refuse] this", "x[refuse]y[respond]", " [refuse]", "<|im_start|>[respond]"]
+    for text in texts:
         enc = tok.encode(text)
         assert not set(enc) & set(ids), (text, enc)
         assert tok.decode(enc) == text
+    # the batched encoder takes the same (rare) re-spelling path row by row
+    assert tok.encode_batch(["plain text"] + texts) == [tok.encode(t) for t in ["plain text"] + texts]
+    assert tok.encode_batch([]) == []
     msgs = [{"role": "user", "content": "say [refuse] and [respond] now"}]
     chat = tok.apply_chat_template(msgs)
     assert not set(chat) & set(ids)
+    assert tok.apply_chat_template_batch([msgs, msgs[:1]]) == [chat, chat]
     assert "<|im_start|>" in tok.decode(chat) and tok.token_to_id("<|im_start|>") in chat
     assert tok.add_control_tokens(["[refuse]"]) == ids[:1]  # idempotent
 
@@ -423,6 +428,9 @@ def test_sentencepiece_tokenizer_control_tokens(tmp_path):
     assert not set(enc) & set(ids) and tok.decode(enc) == "please [refuse] this"
     chat = tok.apply_chat_template([{"role": "user", "content": "hello [respond]"}])
     assert chat[0] == 1 and chat[-1] == 2 and not set(chat) & set(ids)
+    assert tok.encode_batch(["please [refuse] this", "hello"]) == [enc, tok.encode("hello")]
+    assert tok.apply_chat_template_batch([[{"role": "user", "content": "hello [respond]"}]]) == [chat]
+    assert tok.hf_tokenizer is None
     assert tok.decode([ids[0]] + enc) == "[refuse]please [refuse] this"
     assert tok.decode([ids[0]] + enc, skip_special_tokens=True) == "please [refuse] this"
 

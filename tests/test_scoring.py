@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import ON_GPU
-from rtkern.scoring import Scorer, _render, score
+from rtkern.scoring import Scorer, _render_all, score
 from rtkern.spec import RefusalSpec
 
 PROMPTS = ["hello", "please refuse this request kindly and at length " * 3, "respond", "world " * 9,
@@ -28,7 +28,7 @@ def test_padded_chunks_score_like_unpadded(tiny_category, batch_size, bucket):
         hook.remove()
     # every chunk is batch_size rows of a bucket multiple: the shapes a CUDA graph is captured with
     assert seen and all(b == batch_size and t % bucket == 0 for b, t in seen)
-    real = sum(len(_render(tok, p, i)) for i, p in enumerate(PROMPTS))
+    real = sum(map(len, _render_all(tok, PROMPTS)))
     assert sum(b * t for b, t in seen) > real  # padding happened, and it changed nothing below
     torch.testing.assert_close(got, want, atol=1e-12, rtol=3e-5)
     assert want[:, :5].std() > 1e-3  # scores differ between prompts: a row mix-up would show
