@@ -6,20 +6,22 @@ prompts per forward pass, on the same weight tensors:
 =================  ======================================================================================
 method             what runs
 =================  ======================================================================================
-``rtkern``         `rtkern.scoring.score`: prompts sorted by length into chunks, right-padded, the LM
-                   head only on each row's last real position, `rtkern.refusal_probs` on those logits
+``rtkern``         `rtkern.scoring.score`: every prompt rendered, then tokenized in one batch; prompts
+                   sorted by length into chunks, right-padded, the LM head only on each row's last real
+                   position, `rtkern.refusal_probs` on those logits
 ``rtkern-graphs``  (CUDA only) a kept `rtkern.scoring.Scorer` with ``cuda_graphs=True``: the same, each
                    chunk padded to the batch size and a multiple of 32 tokens and replayed from the CUDA
                    graph of that shape (captured in the untimed warm-up pass)
 ``hf-loop``        transformers ``LlamaForCausalLM`` (its default attention) over the prompts in their
-                   given order, right-padded with an attention mask, full ``[B, T, V]`` logits, the last
-                   real position's float32 softmax, the control columns gathered
+                   given order, each chunk tokenized by the fast tokenizer's batched
+                   ``apply_chat_template``, right-padded with an attention mask, full ``[B, T, V]``
+                   logits, the last real position's float32 softmax, the control columns gathered
 =================  ======================================================================================
 
 ``prompts/s`` is the median over ``--reps`` full passes (the first pass, untimed, warms up);
-``speedup`` is relative to ``hf-loop`` with the same ``tokenize``: ``timed`` renders every prompt's chat
-template in each pass (what a user waits for), ``cached`` renders it once before timing (the model's
-share alone: on a GPU the shared rendering would otherwise cap the speedup); ``max|dp|`` is the largest
+``speedup`` is relative to ``hf-loop`` with the same ``tokenize``: ``timed`` renders and tokenizes every
+prompt in each pass, each method its own way (what a user waits for), ``cached`` does it once before
+timing (the model's share alone: on a GPU the tokenizer would otherwise weigh on both); ``max|dp|`` is the largest
 probability difference from ``hf-loop`` (both compute the same numbers). Prompts: the CoCoNot eval set
 when ``--data`` names it (or a CSV/JSONL with a prompt column), else ``--num-prompts`` synthetic prompts
 of 5-120 words.
@@ -71,14 +73,16 @@ def synthetic_prompts(n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 120))) for _ in range(n)]
 
 
-def hf_loop(hf, tok, prompts: Sequence[str], spec: RefusalSpec, batch_size: int) -> torch.Tensor:
-    """``[N, len(control_ids)]`` float32 probabilities, the plain way: full logits, softmax, gather."""
+def hf_loop(hf, render: Callable, prompts: Sequence[str], spec: RefusalSpec, batch_size: int) -> torch.Tensor:
+    """``[N, len(control_ids)]`` float32 probabilities, the plain way: full logits, softmax, gather.
+
+    ``render`` maps a chunk's conversations to their token id lists (`hf_chat`, or a cache).
+    """
     dev, ctl = hf.device, torch.tensor(spec.control_ids)
     out = []
     with torch.inference_mode():
         for lo in range(0, len(prompts), batch_size):
-            rows = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
-                    for p in prompts[lo:lo + batch_size]]
+            rows = render([[{"role": "user", "content": p}] for p in prompts[lo:lo + batch_size]])
             T = max(map(len, rows))
             ids = torch.tensor([r + [0] * (T - len(r)) for r in rows], device=dev)
             mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows], device=dev)
@@ -86,6 +90,18 @@ def hf_loop(hf, tok, prompts: Sequence[str], spec: RefusalSpec, batch_size: int)
             last = logits[torch.arange(len(rows), device=dev), mask.sum(1) - 1].float()
             out.append(torch.softmax(last, -1)[:, ctl.to(dev)].cpu())
     return torch.cat(out)
+
+
+def hf_chat(tok) -> Callable:
+    """What a transformers loop calls per chunk: the fast tokenizer's batched ``apply_chat_template``."""
+    fast = getattr(tok, "hf_tokenizer", None)
+    if fast is None:  # a sentencepiece-only checkpoint has none: rtkern's rendering, prompt by prompt
+        return lambda convs: [tok.apply_chat_template(m, add_generation_prompt=True) for m in convs]
+
+    def render(convs):
+        out = fast.apply_chat_template(convs, add_generation_prompt=True)
+        return [list(r) for r in (out["input_ids"] if hasattr(out, "keys") else out)]  # a dict since 5.0
+    return render
 
 
 class CachedChat:
@@ -99,6 +115,9 @@ class CachedChat:
         if key not in self.cache:
             self.cache[key] = list(self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt))
         return self.cache[key]
+
+    def apply_chat_template_batch(self, conversations, add_generation_prompt=True):
+        return [self.apply_chat_template(m, add_generation_prompt) for m in conversations]
 
     def __getattr__(self, name):
         return getattr(self.tok, name)
@@ -125,8 +144,9 @@ def run(model_name: str, prompts: Sequence[str], batch_sizes: Sequence[int], dev
     rows = []
     n = len(prompts)
     for bs in batch_sizes:
-        for mode, t in (("timed", tok), ("cached", CachedChat(tok))):   # the warm-up pass fills the cache
-            t_hf, p_hf = _timed(lambda: hf_loop(hf, t, prompts, spec, bs), reps, device)
+        cached = CachedChat(tok)  # the warm-up pass fills it
+        for mode, render, t in (("timed", hf_chat(tok), tok), ("cached", cached.apply_chat_template_batch, cached)):
+            t_hf, p_hf = _timed(lambda: hf_loop(hf, render, prompts, spec, bs), reps, device)
             rows.append(Row("hf-loop", bs, n, mode, t_hf, n / t_hf, 1.0, 0.0))
             for method, fn in _rtkern_methods(model, t, prompts, spec, bs, device):
                 t_rt, p_rt = _timed(fn, reps, device)

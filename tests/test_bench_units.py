@@ -449,7 +449,20 @@ def test_cached_chat_renders_each_prompt_once():
     for _ in range(3):
         assert [tok.apply_chat_template([{"role": "user", "content": p}]) for p in ("ab", "abc")] == [[2, 1], [3, 1]]
     assert tok.apply_chat_template([{"role": "user", "content": "ab"}], add_generation_prompt=False) == [2, 0]
-    assert calls == ["ab", "abc", "ab"] and tok.eos_ids == [1]
+    convs = [[{"role": "user", "content": p}] for p in ("abc", "abcd")]
+    assert tok.apply_chat_template_batch(convs) == [[3, 1], [4, 1]]
+    assert calls == ["ab", "abc", "ab", "abcd"] and tok.eos_ids == [1]
+
+
+def test_hf_chat_tokenizes_like_rtkern(tiny_category):
+    from rtkern.loader import load_model
+    _, tok = load_model(tiny_category, device="cpu")
+    convs = [[{"role": "user", "content": p}] for p in ("hello", "respond to the user kindly", "x")]
+    assert tok.hf_tokenizer is not None
+    assert score.hf_chat(tok)(convs) == tok.apply_chat_template_batch(convs) == [tok.apply_chat_template(m)
+                                                                                 for m in convs]
+    sp = types.SimpleNamespace(hf_tokenizer=None, apply_chat_template=lambda m, add_generation_prompt: [len(m)])
+    assert score.hf_chat(sp)(convs) == [[1]] * 3
 
 
 def test_score_timing_is_the_median_after_a_warm_up(monkeypatch):
