@@ -68,7 +68,9 @@ class Scorer:
         As for `score`.
     cuda_graphs : bool
         Pad every chunk to ``batch_size`` rows and a multiple of ``bucket`` tokens and replay one CUDA
-        graph per padded length (captured on first use). Needs the model on CUDA.
+        graph per padded length (captured on first use). Needs the model on CUDA and a forward that
+        never waits on the device (rtkern's `Transformer`; a module that reads values back cannot be
+        captured).
     bucket : int, optional
         Pad each chunk to ``batch_size`` rows and its length to a multiple of this (default 32 with
         ``cuda_graphs``; without either, a chunk is as long as its longest prompt and no wider than its
