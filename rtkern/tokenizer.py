@@ -145,17 +145,13 @@ class Tokenizer:
         texts = list(texts)
         if self._hf is None:
             return [self._sp.encode(t) for t in texts]
-        if not texts:
-            return []
-        enc = self._hf(texts, add_special_tokens=False, return_offsets_mapping=bool(self.control_ids))
-        return [self._respell(t, list(ids), offsets) for t, ids, offsets
-                in zip(texts, enc["input_ids"], enc.get("offset_mapping", [None] * len(texts)))]
+        rows = [list(r) for r in self._hf(texts, add_special_tokens=False)["input_ids"]] if texts else []
+        ctrl = set(self.control_ids)
+        return [r if ctrl.isdisjoint(r) else self._encode_hf(t) for t, r in zip(texts, rows)]
 
     def _encode_hf(self, text: str) -> list[int]:
         enc = self._hf(text, add_special_tokens=False, return_offsets_mapping=bool(self.control_ids))
-        return self._respell(text, list(enc["input_ids"]), enc.get("offset_mapping"))
-
-    def _respell(self, text: str, ids: list[int], offsets) -> list[int]:
+        ids = list(enc["input_ids"])
         ctrl = set(self.control_ids)
         if not ctrl or ctrl.isdisjoint(ids):
             return ids
@@ -163,7 +159,7 @@ class Tokenizer:
         # re-encode the text between them with every special token split into plain text.
         added = set(self._hf.added_tokens_decoder)
         out, cursor = [], 0
-        for i, (s, e) in zip(ids, offsets):
+        for i, (s, e) in zip(ids, enc["offset_mapping"]):
             if i in added and i not in ctrl:
                 out += self._plain(text[cursor:s])
                 out.append(i)
@@ -185,13 +181,20 @@ class Tokenizer:
         return self._sp.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def render_chat(self, messages, add_generation_prompt: bool = True) -> str:
+        return self.render_chat_batch([messages], add_generation_prompt)[0]
+
+    def render_chat_batch(self, conversations, add_generation_prompt: bool = True) -> list[str]:
+        """The chat template applied to each message list (text, not ids)."""
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template")
-        if self._hf is not None:
-            return self._hf.apply_chat_template(list(messages), tokenize=False, chat_template=self.chat_template,
-                                                add_generation_prompt=add_generation_prompt)
-        return _render_jinja(self.chat_template, list(messages), add_generation_prompt,
-                             bos_token=self._sp.piece(self._sp.bos_id), eos_token=self._sp.piece(self._sp.eos_id))
+        conversations = [list(m) for m in conversations]
+        if not conversations:
+            return []
+        if self._hf is not None:  # one call: transformers' per-call set-up is paid once
+            return list(self._hf.apply_chat_template(conversations, tokenize=False, chat_template=self.chat_template,
+                                                     add_generation_prompt=add_generation_prompt))
+        return [_render_jinja(self.chat_template, m, add_generation_prompt, bos_token=self._sp.piece(self._sp.bos_id),
+                              eos_token=self._sp.piece(self._sp.eos_id)) for m in conversations]
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> list[int]:
         """Render with the checkpoint's chat template and tokenize (BOS comes from the template)."""
@@ -199,7 +202,7 @@ class Tokenizer:
 
     def apply_chat_template_batch(self, conversations, add_generation_prompt: bool = True) -> list[list[int]]:
         """`apply_chat_template` of each message list, tokenized as one batch."""
-        return self.encode_batch([self.render_chat(m, add_generation_prompt) for m in conversations])
+        return self.encode_batch(self.render_chat_batch(conversations, add_generation_prompt))
 
 
 def _render_jinja(template: str, messages, add_generation_prompt: bool, **extra) -> str:

@@ -352,6 +352,13 @@ def _check_control_tokens(tok):
     chat = tok.apply_chat_template(msgs)
     assert not set(chat) & set(ids)
     assert tok.apply_chat_template_batch([msgs, msgs[:1]]) == [chat, chat]
+    # without control tokens in the text, the ids are transformers' own
+    plain = [[{"role": "user", "content": t}] for t in ("hello world", "<|im_start|>hi", "")]
+    fast = tok.hf_tokenizer
+    want = fast.apply_chat_template(plain, add_generation_prompt=True, chat_template=tok.chat_template)
+    want = want["input_ids"] if hasattr(want, "keys") else want  # a BatchEncoding since transformers 5
+    assert tok.apply_chat_template_batch(plain) == [list(r) for r in want]
+    assert tok.render_chat_batch([]) == [] and tok.render_chat(plain[0]) == tok.render_chat_batch(plain)[0]
     assert "<|im_start|>" in tok.decode(chat) and tok.token_to_id("<|im_start|>") in chat
     assert tok.add_control_tokens(["[refuse]"]) == ids[:1]  # idempotent
 
