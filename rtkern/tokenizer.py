@@ -67,6 +67,10 @@ class Tokenizer:
                                                trust_remote_code=False)
         except Exception as e:  # noqa: BLE001 - re-raised with the file named
             raise ValueError(f"{path}: cannot build a tokenizer from the GGUF vocabulary: {e}") from e
+        file_eos = [int(i) for i in eos_ids if i is not None]
+        if file_eos and hf.eos_token_id not in file_eos:
+            # transformers 5.17 (the GPU image's) converts a GGUF's eos as its bos token; the file's id wins
+            hf.eos_token = hf.convert_ids_to_tokens(file_eos[0])
         return cls(hf, chat_template=chat_template, eos_ids=eos_ids)
 
     # -- vocabulary -------------------------------------------------------------------------------

@@ -465,6 +465,23 @@ def _gguf_vocab(d):
     return fast, more
 
 
+def test_gguf_eos_from_the_file_wins_over_transformers_conversion(tmp_path, monkeypatch):
+    # transformers 5.17 (the GPU image's) converts a GGUF's eos token as its bos; simulate that here
+    import transformers
+    _, more = _gguf_vocab(tmp_path / "hf_tokenizer")
+    write_gguf(tmp_path / "tiny.gguf", tiny_hf(), more=more)
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def eos_as_bos(*args, **kwargs):
+        t = real(*args, **kwargs)
+        t.eos_token = t.bos_token
+        return t
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", eos_as_bos)
+    _, tok = load_model(tmp_path / "tiny.gguf", device="cpu")
+    assert tok.eos_ids == [0, 1] and tok.hf_tokenizer.eos_token == "<|im_end|>" and tok.bos_id == 2
+
+
 def test_gguf_with_vocabulary_loads_from_its_directory(tmp_path):
     # a folder holding one .gguf (and no config.json) is that file; the tokenizer comes from the GGUF
     fast, more = _gguf_vocab(tmp_path / "hf_tokenizer")
