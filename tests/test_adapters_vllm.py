@@ -62,7 +62,7 @@ def test_import_without_vllm_and_construction_error():
         pytest.skip("vLLM is installed: construction is vLLM's business")
     with pytest.raises(ImportError, match="needs vLLM"):
         rv.RefusalLogitsProcessor(None, torch.device("cpu"), False)
-    bound = rv.make_logits_processor(SPEC, thresholds={NAMES[0]: 1.5})
+    bound = rv.make_logits_processor(SPEC, thresholds={NAMES[0]: 1.5}, runner="v1")
     assert issubclass(bound, rv.RefusalLogitsProcessor) and bound.spec is SPEC
     with pytest.raises(ImportError, match="needs vLLM"):
         bound(None, torch.device("cpu"), False)

@@ -1,4 +1,4 @@
-"""Refusal-token control as a vLLM v1 logits processor (optional: vLLM is imported only if installed).
+"""Refusal-token control as a vLLM logits processor (optional: vLLM is imported only if installed).
 
 Interface implemented
 ---------------------
@@ -22,8 +22,12 @@ vLLM's V1 model runner (documented in vLLM's "Custom Logits Processors" guide; t
 A row is at its first generated position while its ``output_tok_ids`` is empty. There the processor
 takes the refusal decision with `rtkern.apply_refusal_` (the fused Triton kernel on CUDA); everywhere
 else it sets the control tokens to -inf. vLLM rejects custom logits processors under speculative
-decoding. Newer vLLM releases default to "Model Runner V2", whose custom logits processors use a
-different interface; there select the V1 runner (``VLLM_USE_V2_MODEL_RUNNER=0``) to use this adapter.
+decoding.
+
+vLLM's "Model Runner V2" (the default of newer releases, and from 0.34 the only runner) has a
+different interface: use `RefusalLogitsProcessorV2` there (``rtkern.adapters.vllm_v2``, re-exported
+here; ``--logits-processors rtkern.adapters.vllm:RefusalLogitsProcessorV2``). Its requests take the
+same ``extra_args``, and `make_logits_processor` picks the interface the installed vLLM has.
 
 Registering
 -----------
@@ -53,28 +57,23 @@ the first token's raw log-probabilities (``logprobs`` with ``logprobs_mode="raw_
 """
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
-from ..spec import CATEGORIES, MODES, RefusalSpec, SampleOutput
+from ..spec import MODES, RefusalSpec, SampleOutput
 from ._common import PerCategory, optional_base, thresholds_and_mode
-from ._requests import EXTRA_ARGS, check_logits, refuse_rows, reject_unknown_args, request_controls
+from ._requests import EXTRA_ARGS, check_logits, refuse_rows, request_controls
+from ._vllm_common import (_Defaults, _check_index, _spec_from_vllm_config,
+                           checked_defaults, controls_or_defaults)
+from .vllm_v2 import HAVE_VLLM_V2, RefusalLogitsProcessorV2, RefusalSlotState
 
 _VLLMBase, _VLLM_IMPORT_ERROR = optional_base("vllm.v1.sample.logits_processor", "LogitsProcessor")
 HAVE_VLLM = _VLLM_IMPORT_ERROR is None
 
-__all__ = ["RefusalLogitsProcessor", "RefusalBatchState", "make_logits_processor", "request_controls",
-           "HAVE_VLLM", "EXTRA_ARGS"]
-
-log = logging.getLogger(__name__)
-
-# Category names that a spec found in a tokenizer can have (both schemes), for entrypoint validation.
-_DISCOVERABLE_NAMES = frozenset(CATEGORIES) | {"refuse"}
+__all__ = ["RefusalLogitsProcessor", "RefusalBatchState", "RefusalLogitsProcessorV2", "RefusalSlotState",
+           "make_logits_processor", "request_controls", "HAVE_VLLM", "HAVE_VLLM_V2", "EXTRA_ARGS"]
 
 
 @dataclass
@@ -117,16 +116,7 @@ class RefusalBatchState:
     def __init__(self, spec: RefusalSpec, *, thresholds: PerCategory = 0.5, mode: Optional[str] = None,
                  logit_bias: PerCategory = 0.0, device=None, pin_memory: bool = False,
                  backend: Optional[str] = None) -> None:
-        if not isinstance(spec, RefusalSpec):
-            raise TypeError(f"spec must be a RefusalSpec, got {type(spec).__name__}")
-        thresholds, mode = thresholds_and_mode(thresholds, mode)
-        if not isinstance(mode, str):
-            raise TypeError(f"mode must be one string for the processor's default, got {mode!r}")
-        if backend not in (None, "torch", "triton"):
-            raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
-        self.spec = spec
-        self.defaults = dict(thresholds=thresholds, mode=mode, logit_bias=logit_bias)
-        request_controls(spec, None, **self.defaults)  # reject bad defaults now, not at the first request
+        self.spec, self.defaults = spec, checked_defaults(spec, thresholds, mode, logit_bias, backend)
         self.device = torch.device(device if device is not None else "cpu")
         self.pin_memory = bool(pin_memory) and self.device.type == "cuda"
         self.backend = backend
@@ -142,14 +132,7 @@ class RefusalBatchState:
         self.remove(index)
         if params is None:  # not a sampling request: its row stays untracked (control tokens masked)
             return
-        try:
-            thr, bias, mode = request_controls(self.spec, getattr(params, "extra_args", None), **self.defaults)
-        except (TypeError, ValueError) as e:
-            # validate_params normally rejects these at the entrypoint; raising inside the engine
-            # would take every other request down with this one.
-            log.warning("rtkern refusal processor: ignoring bad refusal arguments of row %d (%s); "
-                        "using the defaults", index, e)
-            thr, bias, mode = request_controls(self.spec, None, **self.defaults)
+        thr, bias, mode = controls_or_defaults(self.spec, params, self.defaults, f"row {index}")
         self.requests[index] = _Request(thr, bias, mode, output_ids)
         if len(output_ids) == 0:
             self._waiting.add(index)
@@ -213,12 +196,6 @@ class RefusalBatchState:
         return t.to(device)
 
 
-def _check_index(name: str, index) -> None:
-    # A negative row would index the logits from the end in apply, long after the bad update.
-    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-        raise ValueError(f"{name} must be a persistent-batch row (an int >= 0), got {index!r}")
-
-
 def _unpack_added(item) -> tuple[int, Any, Sequence[int]]:
     # vLLM >= 0.10.2 documents (index, params, prompt_tok_ids, output_tok_ids); 0.10.0/0.10.1 had
     # (prompt_tok_ids, index, params, output_tok_ids). The index is the int among the first two.
@@ -239,27 +216,7 @@ def _is_swap(direction) -> bool:
     return getattr(direction, "name", str(direction)).upper().endswith("SWAP")
 
 
-def _spec_from_vllm_config(vllm_config, scheme: Optional[str]) -> RefusalSpec:
-    mc = getattr(vllm_config, "model_config", None)
-    path = getattr(mc, "tokenizer", None) or getattr(mc, "model", None)
-    if not path:
-        raise ValueError("cannot find the model's tokenizer in vllm_config.model_config; pass the spec "
-                         "with rtkern.adapters.vllm.make_logits_processor(spec)")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path, revision=getattr(mc, "tokenizer_revision", None),
-                                        local_files_only=True, trust_remote_code=False)
-    if scheme is None and Path(path).is_dir():  # a checkpoint from rtkern's trainer says which scheme it learned
-        from ..loader import read_control_file
-        scheme = (read_control_file(path) or ([], None))[1]
-    try:
-        return RefusalSpec.find(tok, scheme)
-    except ValueError as e:
-        raise ValueError(f"the tokenizer at {path} has no refusal control tokens ({e}); pass "
-                         f"the spec with rtkern.adapters.vllm.make_logits_processor(spec)")
-
-
-class RefusalLogitsProcessor(_VLLMBase):
+class RefusalLogitsProcessor(_Defaults, _VLLMBase):
     """vLLM v1 logits processor applying rtkern's refusal decision (see the module docstring).
 
     Class attributes (set them with `make_logits_processor`): ``spec`` (None: found in the model's
@@ -269,36 +226,12 @@ class RefusalLogitsProcessor(_VLLMBase):
     ``backend``.
     """
 
-    spec: Optional[RefusalSpec] = None
-    scheme: Optional[str] = None
-    thresholds: PerCategory = 0.5
-    mode: str = "category"
-    logit_bias: PerCategory = 0.0
-    backend: Optional[str] = None
-
-    @classmethod
-    def validate_params(cls, sampling_params) -> None:
-        """Reject bad ``refusal_*`` extra arguments at the entrypoint (ValueError)."""
-        extra = getattr(sampling_params, "extra_args", None)
-        if not extra:
-            return
-        if not isinstance(extra, Mapping):
-            raise ValueError(f"extra_args must be a mapping, got {type(extra).__name__}")
-        reject_unknown_args(extra)
-        try:
-            if cls.spec is not None:
-                request_controls(cls.spec, extra, thresholds=cls.thresholds, mode=cls.mode,
-                                 logit_bias=cls.logit_bias)
-            else:
-                # The spec is found per engine; here only the names and sizes it can have are known.
-                request_controls(_validation_spec(extra), extra, mode=cls.mode)
-        except TypeError as e:
-            raise ValueError(str(e)) from e
-
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         if not HAVE_VLLM:
-            raise ImportError("rtkern.adapters.vllm.RefusalLogitsProcessor needs vLLM (pip install vllm); "
-                              f"importing vllm.v1.sample.logits_processor failed: {_VLLM_IMPORT_ERROR!r}")
+            hint = ("this vLLM has only Model Runner V2: use rtkern.adapters.vllm:RefusalLogitsProcessorV2; "
+                    if HAVE_VLLM_V2 else "")
+            raise ImportError(f"rtkern.adapters.vllm.RefusalLogitsProcessor needs vLLM <= 0.33 (pip install vllm); "
+                              f"{hint}importing vllm.v1.sample.logits_processor failed: {_VLLM_IMPORT_ERROR!r}")
         spec = type(self).spec or _spec_from_vllm_config(vllm_config, type(self).scheme)
         self.state = RefusalBatchState(spec, thresholds=self.thresholds, mode=self.mode,
                                        logit_bias=self.logit_bias, device=device, pin_memory=is_pin_memory,
@@ -315,29 +248,9 @@ class RefusalLogitsProcessor(_VLLMBase):
         return self.state.apply(logits)
 
 
-def _validation_spec(extra: Mapping) -> RefusalSpec:
-    # A stand-in spec for entrypoint checks when the real one is found only in the engine: mapping keys
-    # must be names of one of the schemes, and lists must match that scheme's number of categories.
-    keys = set()
-    sizes = set()
-    for k in ("refusal_thresholds", "refusal_logit_bias"):
-        v = extra.get(k)
-        if isinstance(v, Mapping):
-            keys |= {x for x in v if isinstance(x, str)}
-        elif isinstance(v, (list, tuple)):
-            sizes.add(len(v))
-    bad = keys - _DISCOVERABLE_NAMES
-    if bad:
-        raise ValueError(f"unknown refusal category {sorted(bad)[0]!r}; categories are {list(CATEGORIES)} "
-                         f"(category scheme) or ['refuse'] (single scheme)")
-    if keys & {"refuse"} or sizes == {1}:
-        return RefusalSpec([0], 1, names=["refuse"])
-    return RefusalSpec(list(range(len(CATEGORIES))), len(CATEGORIES), names=CATEGORIES)
-
-
 def make_logits_processor(spec: Optional[RefusalSpec] = None, *, thresholds: PerCategory = 0.5,
                           mode: Optional[str] = None, logit_bias: PerCategory = 0.0, scheme: Optional[str] = None,
-                          backend: Optional[str] = None) -> type:
+                          backend: Optional[str] = None, runner: Optional[str] = None) -> type:
     """A `RefusalLogitsProcessor` subclass bound to a spec and default controls, for ``LLM(logits_processors=[...])``.
 
     Parameters
@@ -354,6 +267,10 @@ def make_logits_processor(spec: Optional[RefusalSpec] = None, *, thresholds: Per
         Which control tokens to look for when ``spec`` is None (None: category, then single).
     backend : {"triton", "torch", None}
         Passed to `apply_refusal_`.
+    runner : {"v1", "v2", None}
+        The model runner's interface: ``"v1"`` (`RefusalLogitsProcessor`) or ``"v2"``
+        (`RefusalLogitsProcessorV2`, Model Runner V2); None: v1 where vLLM still has it (<= 0.33),
+        else v2.
 
     Returns
     -------
@@ -369,7 +286,13 @@ def make_logits_processor(spec: Optional[RefusalSpec] = None, *, thresholds: Per
         raise ValueError(f"scheme must be 'category', 'single' or None, got {scheme!r}")
     if backend not in (None, "torch", "triton"):
         raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    if runner not in (None, "v1", "v2"):
+        raise ValueError(f"runner must be 'v1', 'v2' or None, got {runner!r}")
+    if runner is None:
+        runner = "v1" if HAVE_VLLM or not HAVE_VLLM_V2 else "v2"
+    base = RefusalLogitsProcessor if runner == "v1" else RefusalLogitsProcessorV2
     attrs = dict(spec=spec, scheme=scheme, thresholds=thresholds, mode=mode, logit_bias=logit_bias,
                  backend=backend, __module__=__name__,
-                 __doc__=f"RefusalLogitsProcessor bound to {spec!r} (rtkern.adapters.vllm.make_logits_processor).")
-    return type("BoundRefusalLogitsProcessor", (RefusalLogitsProcessor,), attrs)
+                 __doc__=f"{base.__name__} bound to {spec!r} (rtkern.adapters.vllm.make_logits_processor).")
+    return type(f"Bound{base.__name__}", (base,), attrs)
+
