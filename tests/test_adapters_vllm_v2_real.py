@@ -1,7 +1,7 @@
 """rtkern.adapters.vllm's Model Runner V2 processor against vLLM's own loader, validator and context.
 
-Skipped where vLLM cannot be imported (CI installs no vLLM; its wheel targets CUDA). vLLM 0.34's V2
-logits-processor modules import on a CPU machine, so these tests ran there: the processor is loaded
+Skipped where vLLM cannot be imported (CI installs no vLLM; its wheel targets CUDA). The V2
+logits-processor modules of vLLM 0.33 and 0.34 import on a CPU machine, so these tests ran there: the processor is loaded
 by its ``--logits-processors`` string through vLLM's loader, built by ``build_custom_logits_processors``
 from request state of the runner's shape, validates real ``SamplingParams`` at admission, and reads a
 real ``LogitsContext``.

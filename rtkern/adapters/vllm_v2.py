@@ -3,7 +3,7 @@
 Interface implemented
 ---------------------
 ``vllm.v1.worker.gpu.sample.logits_processor.LogitsProcessor`` (the same in vLLM 0.33 and 0.34;
-tested against 0.34's own loader, parameter validator and ``LogitsContext`` in
+tested against both releases' own loader, parameter validator and ``LogitsContext`` in
 ``tests/test_adapters_vllm_v2_real.py``, which runs wherever vLLM imports):
 
 - ``__init__(vllm_config, req_states)``: once per engine; ``req_states`` holds ``device``,
