@@ -110,6 +110,15 @@ def check_logits(logits, spec: RefusalSpec) -> None:
     spec.check_vocab(logits.shape[1])
 
 
+def decision_controls(thresholds: torch.Tensor, logit_bias: torch.Tensor, mode: torch.Tensor,
+                      first_step: torch.Tensor) -> RefusalControls:
+    """Controls for `apply_refusal_` in an adapter: only the decision inputs vary (the runtime samples)."""
+    zeros = torch.zeros(first_step.shape[0], dtype=torch.int64, device=first_step.device)
+    return RefusalControls(thresholds=thresholds, logit_bias=logit_bias, mode=mode,
+                           temperature=torch.ones(first_step.shape[0], device=first_step.device),
+                           first_step=first_step, seed=zeros, position=zeros.clone())
+
+
 def refuse_rows(logits: torch.Tensor, spec: RefusalSpec, rows: Sequence[int], controls: Sequence[RowControls],
                 *, backend: Optional[str] = None,
                 to_device: Optional[Callable[[list, torch.dtype, Any], torch.Tensor]] = None
@@ -146,14 +155,10 @@ def refuse_rows(logits: torch.Tensor, spec: RefusalSpec, rows: Sequence[int], co
     logits.index_fill_(1, ids, float("-inf"))
     if sub.dtype not in _KERNEL_DTYPES:
         sub = sub.float()
-    F = len(rows)
-    zeros = torch.zeros(F, dtype=torch.int64, device=logits.device)
-    ctl = RefusalControls(thresholds=put([c[0] for c in controls], torch.float32, logits.device),
-                          logit_bias=put([c[1] for c in controls], torch.float32, logits.device),
-                          mode=put([c[2] for c in controls], torch.int32, logits.device),
-                          temperature=torch.ones(F, device=logits.device),
-                          first_step=torch.ones(F, dtype=torch.bool, device=logits.device),
-                          seed=zeros, position=zeros.clone())
+    ctl = decision_controls(put([c[0] for c in controls], torch.float32, logits.device),
+                            put([c[1] for c in controls], torch.float32, logits.device),
+                            put([c[2] for c in controls], torch.int32, logits.device),
+                            torch.ones(len(rows), dtype=torch.bool, device=logits.device))
     res = apply_refusal_(sub, spec, ctl, backend=backend)
     logits.index_copy_(0, index, sub.to(logits.dtype))
     return index, res

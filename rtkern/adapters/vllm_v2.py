@@ -31,16 +31,13 @@ from typing import Optional
 import torch
 
 from ..sampler import apply_refusal_
-from ..spec import RefusalControls, RefusalSpec, SampleOutput
+from ..spec import RefusalSpec, SampleOutput
 from ._common import PerCategory, optional_base
-from ._requests import check_logits, request_controls
+from ._requests import _KERNEL_DTYPES, check_logits, decision_controls, request_controls
 from ._vllm_common import _Defaults, _check_index, _spec_from_vllm_config, checked_defaults, controls_or_defaults
 
 _V2Base, _V2_IMPORT_ERROR = optional_base("vllm.v1.worker.gpu.sample.logits_processor", "LogitsProcessor")
 HAVE_VLLM_V2 = _V2_IMPORT_ERROR is None
-
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 class RefusalSlotState:
     """Refusal controls per request slot of Model Runner V2, and what they do to a step's logits.
@@ -118,10 +115,8 @@ class RefusalSlotState:
             raise ValueError(f"slots and first must be [{R}], got {list(slots.shape)} and {list(first.shape)}")
         self.flush()
         slots = slots.to(self.device, torch.int64)
-        zeros = torch.zeros(R, dtype=torch.int64, device=self.device)
-        ctl = RefusalControls(thresholds=self.thresholds[slots], logit_bias=self.logit_bias[slots],
-                              mode=self.mode[slots], temperature=torch.ones(R, device=self.device),
-                              first_step=first.to(self.device, torch.bool), seed=zeros, position=zeros.clone())
+        ctl = decision_controls(self.thresholds[slots], self.logit_bias[slots], self.mode[slots],
+                                first.to(self.device, torch.bool))
         work = logits if logits.dtype in _KERNEL_DTYPES and logits.is_contiguous() else logits.float().contiguous()
         self.last_output = apply_refusal_(work, self.spec, ctl, backend=self.backend)
         if work is not logits:
