@@ -21,7 +21,7 @@ from . import fused_decode
 from .argtypes import positive_int
 from .adapters._common import per_category, thresholds_and_mode
 from .kernels._common import INTERPRET_HINT, triton_runs_on
-from .model import Transformer
+from .model import Transformer, right_padded
 from .sampler import refusal_sample
 from .spec import MODES, RefusalControls, RefusalSpec, SampleOutput
 
@@ -222,11 +222,7 @@ class Engine:
         return done.results(gen[:, :i])
 
     def _prefill(self, slot: "_DecodeSlot", ids: list[list[int]]) -> SampleOutput:
-        B, T = slot.batch, max(len(x) for x in ids)
-        tokens = torch.zeros(B, T, dtype=torch.int64)
-        for b, x in enumerate(ids):
-            tokens[b, :len(x)] = torch.tensor(x)   # right padding: pads sit after every real token
-        last = torch.tensor([len(x) - 1 for x in ids] + [0] * (B - len(ids)))
+        tokens, last = right_padded(ids, slot.batch, max(len(x) for x in ids))
         logits = self.model(tokens.to(self.device), logits_index=last.to(self.device))
         slot.controls.first_step.fill_(True)
         out = refusal_sample(logits, self.spec, slot.controls, backend=self.backend)

@@ -410,6 +410,20 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(x))
 
 
+def right_padded(rows: list[list[int]], batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU int64 ``tokens [batch, length]`` (token lists right-padded with id 0, then pad rows) and each
+    row's last real position ``[batch]`` (0 on pad rows): `Transformer.forward`'s ``logits_index``.
+
+    Under causal attention pads after every real token never change a real position's logits.
+    """
+    tokens = torch.zeros(batch, length, dtype=torch.int64)
+    last = torch.zeros(batch, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        tokens[b, :len(r)] = torch.tensor(r, dtype=torch.int64)
+        last[b] = len(r) - 1
+    return tokens, last
+
+
 def hf_to_rtkern_state_dict(sd: dict) -> dict:
     """Hugging Face LlamaForCausalLM keys -> ours (drop the ``model.`` prefix and rotary buffers)."""
     out = {}

@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .argtypes import positive_int
+from .model import right_padded
 from .sampler import refusal_probs
 from .spec import RefusalSpec
 
@@ -133,12 +134,7 @@ class Scorer:
         B = len(rows)
         if self.bucket is not None:
             T, B = -(-T // self.bucket) * self.bucket, self.batch_size
-        # Pad id 0: any in-range id works, padded positions come after every real one.
-        tokens = torch.zeros(B, T, dtype=torch.int64)
-        last = torch.zeros(B, dtype=torch.int64)
-        for b, r in enumerate(rows):
-            tokens[b, :len(r)] = torch.tensor(r, dtype=torch.int64)
-            last[b] = len(r) - 1
+        tokens, last = right_padded(rows, B, T)
         return tokens.to(self.device), last.to(self.device)
 
     def _last_logits(self, tokens: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
