@@ -139,7 +139,7 @@ class Tokenizer:
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
         """Text -> ids. Special tokens written in the text (e.g. ``<|im_start|>``) are recognised, as in
         transformers; control tokens never are."""
-        ids = self._encode_hf(text) if self._hf is not None else self._sp.encode(text)
+        [ids] = self.encode_batch([text])
         if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids
         return ids
