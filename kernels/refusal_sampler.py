@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import num_sms
+from ._common import check_tensors, num_sms
 
 
 @triton.jit
@@ -159,7 +159,8 @@ def _decide_sample_kernel(
     passing = isref & (p >= thr)
     cat_best = tl.argmax(tl.where(passing, p, -1.0), 0, tie_break_left=True)
     all_best = tl.argmax(tl.where(isref, p, -1.0), 0, tie_break_left=True)
-    psum = tl.sum(tl.where(isref, p, 0.0), 0)
+    # Rounding can push the sum past 1; a threshold above 1 must still never fire (as in `decide`).
+    psum = tl.minimum(tl.sum(tl.where(isref, p, 0.0), 0), 1.0)
     thr0 = tl.load(thr_ptr + row * thr_stride)
     refuse = first & (((mode == 0) & (tl.max(passing.to(tl.int32), 0) > 0)) | ((mode == 1) & (psum >= thr0)))
     best = tl.where(mode == 0, cat_best, all_best)
@@ -254,8 +255,9 @@ def refusal_sample_launch(logits, ctl_ids, num_refusal, thresholds, logit_bias, 
 
 def _check_launch(logits, ctl_ids, num_refusal, thresholds, logit_bias, mode, temperature, first_step, seed,
                   position, vocab_mask, tokens, probs, refused, block, splits) -> None:
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError(f"logits must be a [B, V] tensor, got {getattr(logits, 'shape', type(logits).__name__)}")
+    check_tensors(logits=logits)  # a tensor on a device Triton runs on (CUDA, or the interpreter)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be a [B, V] tensor, got shape {list(logits.shape)}")
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
     B, V = logits.shape

@@ -400,7 +400,7 @@ def _per_request(params, n: int) -> list[SamplingParams]:
 
 
 def _row(name: str, value, spec: RefusalSpec, default: float) -> torch.Tensor:
-    t = torch.as_tensor(per_category(name, value, spec, default), dtype=torch.float32)
+    t = torch.as_tensor(per_category(name, value, spec, default), dtype=torch.float64)
     C = spec.num_categories
     if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != C):
         raise ValueError(f"{name} of one request must be a number or a list of {C} (one per category in "

@@ -50,7 +50,11 @@ def refusal_probs_reference(logits: torch.Tensor, spec: RefusalSpec, logit_bias=
     # bit: a calibrated threshold equal to a score must refuse that prompt. The refusal entries of the
     # log-normaliser are the (biased) zr.
     rest = z.index_fill(1, rid, float("-inf"))
-    lse = torch.logaddexp(torch.logsumexp(rest, 1), torch.logsumexp(zr, 1))
+    # Rule 6 on the CPU: torch splits a reduction over threads differently for [1, V] and [B, V], so a
+    # float32 normaliser depends on the batch in its last bit, enough to flip a decision at a calibrated
+    # threshold. Summed in float64 the difference stays far below float32's resolution.
+    acc = torch.float64 if z.device.type == "cpu" and dtype == torch.float32 else dtype
+    lse = torch.logaddexp(torch.logsumexp(rest.to(acc), 1), torch.logsumexp(zr.to(acc), 1)).to(dtype)
     # A finite logit plus a finite bias can overflow to +inf: invalid like a +inf logit.
     bad = _bad_rows(z) | (zr == float("inf")).any(1)
     p = torch.exp(zr - lse[:, None])
@@ -66,7 +70,8 @@ def decide(probs: torch.Tensor, controls: RefusalControls, has_respond: bool):
     thr = controls.thresholds.to(probs.dtype)
     passing = probs >= thr
     cat_best = torch.where(passing, probs, torch.full_like(probs, -1.0)).argmax(1)
-    sum_refuse = probs.sum(1) >= thr[:, 0]
+    # Rounding can push the sum of the C probabilities past 1; a threshold above 1 must still never fire.
+    sum_refuse = probs.sum(1).clamp(max=1.0) >= thr[:, 0]
     mode, first = controls.mode, controls.first_step
     refuse = first & (((mode == 0) & passing.any(1)) | ((mode == 1) & sum_refuse))
     best = torch.where(mode == 0, cat_best, probs.argmax(1))

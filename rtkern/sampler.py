@@ -5,11 +5,12 @@ captured in a CUDA graph; value checks live in `RefusalControls.build`.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
-from .kernels._common import INTERPRET_HINT, triton_runs_on
+from .kernels._common import INTERPRET_HINT, check_disjoint, triton_runs_on
 from .kernels.refusal_sampler import refusal_sample_launch_prechecked
 from .reference import decide, refusal_probs_reference, sample_reference
 from .spec import RefusalControls, RefusalSpec, SampleOutput, unpack_vocab_mask
@@ -41,7 +42,7 @@ def _check(logits, spec, controls, out, backend) -> str:
             raise TypeError(f"controls must be RefusalControls, got {type(controls).__name__}")
         controls.check(B, spec.num_categories, V, logits.device)
     if out is not None:
-        _check_out(out, B, spec.num_categories, logits.device)
+        _check_out(out, B, spec.num_categories, logits.device, None if controls is _SCORING else controls)
     if backend is None:  # the kernel where it runs and covers the vocabulary, else the reference
         return "triton" if logits.is_cuda and V < _MAX_TRITON_VOCAB else "torch"
     if backend not in ("triton", "torch"):
@@ -57,20 +58,21 @@ def _check(logits, spec, controls, out, backend) -> str:
 _last_out: list = [None]  # (out, what was checked) of the last accepted `out`: a decode loop reuses one
 
 
-def _check_out(out, B, C, device) -> None:
+def _check_out(out, B, C, device, controls) -> None:
     if torch.compiler.is_compiling():  # traced once per graph; the cache below would guard on `out`'s identity
-        _check_out_fully(out, B, C, device)
+        _check_out_fully(out, B, C, device, controls)
         return
     # grad mode and requires_grad are part of what was checked: both can change between calls
-    key = (B, C, device, torch.is_grad_enabled(), getattr(getattr(out, "refusal_probs", None), "requires_grad", None))
+    key = (B, C, device, torch.is_grad_enabled(), getattr(getattr(out, "refusal_probs", None), "requires_grad", None),
+           id(controls))
     last = _last_out[0]
     if last is not None and last[0] is out and last[1] == key:
         return
-    _check_out_fully(out, B, C, device)
+    _check_out_fully(out, B, C, device, controls)
     _last_out[0] = (out, key)
 
 
-def _check_out_fully(out, B, C, device) -> None:
+def _check_out_fully(out, B, C, device, controls) -> None:
     if not isinstance(out, SampleOutput):
         raise TypeError(f"out must be a SampleOutput, got {type(out).__name__}")
     for name, shape, dtype in (("tokens", (B,), torch.int64), ("refusal_probs", (B, C), torch.float32),
@@ -83,6 +85,13 @@ def _check_out_fully(out, B, C, device) -> None:
         if tuple(t.shape) != shape or t.dtype != dtype or t.device != device or not t.is_contiguous():
             raise ValueError(f"out.{name} must be a contiguous {dtype} tensor of shape {list(shape)} on "
                              f"{device}, got {t.dtype} {list(t.shape)} on {t.device}")
+    if torch.compiler.is_compiling():  # data_ptr() does not trace; eager calls of the same code check it
+        return
+    # The kernel writes the probabilities before it reads the thresholds: an output sharing memory with a
+    # control would change the decision.
+    ins = {} if controls is None else {f"controls.{f.name}": getattr(controls, f.name)
+                                       for f in dataclasses.fields(controls)}
+    check_disjoint(**{f"out.{k}": getattr(out, k) for k in out._fields}, **ins)
 
 
 def _launch(logits, spec, controls, out, decide_only):

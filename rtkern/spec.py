@@ -194,6 +194,14 @@ def _as_tensor(name: str, value, dtype: torch.dtype, device) -> torch.Tensor:
     raise TypeError(f"{name} must be a scalar, a sequence or a tensor, got {type(value).__name__}")
 
 
+def _is_bool(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dtype == torch.bool
+    if isinstance(value, (list, tuple)):
+        return len(value) > 0 and all(isinstance(v, bool) for v in value)
+    return isinstance(value, bool)
+
+
 def _tensor(name: str, value, dtype) -> torch.Tensor:
     try:
         return torch.tensor(value, dtype=dtype)
@@ -203,18 +211,35 @@ def _tensor(name: str, value, dtype) -> torch.Tensor:
 
 
 def _per_row(name, value, batch, dtype, device) -> torch.Tensor:
-    t = _as_tensor(name, value, dtype, device)
+    if dtype == torch.bool:  # a flag: 0/1 or bools, never another number read as True
+        t = _as_tensor(name, value, torch.int64, device) if not _is_bool(value) else _as_tensor(name, value, dtype, device)
+        if t.dtype != torch.bool and ((t != 0) & (t != 1)).any():
+            raise ValueError(f"{name} must be bools or 0/1, got {t.flatten()[:8].tolist()}")
+        t = t.to(torch.bool)
+    else:
+        t = _as_tensor(name, value, dtype, device)
     if t.dim() != 0 and t.shape != (batch,):
         raise ValueError(f"{name} must be a scalar or a [{batch}] tensor, got shape {list(t.shape)}")
     return _owned(t, (batch,))
 
 
 def _per_category(name, value, batch, num_categories, device) -> torch.Tensor:
-    t = _as_tensor(name, value, torch.float32, device)
-    if t.dim() != 0 and t.shape not in ((num_categories,), (batch, num_categories)):
+    wide = _as_tensor(name, value, torch.float64, device)
+    if wide.dim() != 0 and wide.shape not in ((num_categories,), (batch, num_categories)):
         raise ValueError(f"{name} must be a scalar, a [{num_categories}] or a [{batch}, {num_categories}] "
-                         f"tensor, got shape {list(t.shape)}")
+                         f"tensor, got shape {list(wide.shape)}")
+    t = thresholds_float32(wide) if name == "thresholds" else wide.to(torch.float32)
     return _owned(t, (batch, num_categories))
+
+
+def thresholds_float32(t: torch.Tensor) -> torch.Tensor:
+    """Thresholds as the sampler's float32, keeping "above 1 switches a category off".
+
+    A value in (1, 1 + 2**-24] rounds to 1.0 in float32, which a probability of 1 passes: it becomes the
+    next float32 above 1 instead. Build float64 (or Python float) thresholds through this, not ``.float()``.
+    """
+    t32 = t.to(torch.float32)
+    return torch.where((t > 1) & (t32 <= 1), torch.nextafter(torch.ones_like(t32), torch.full_like(t32, 2.0)), t32)
 
 
 def _owned(t: torch.Tensor, shape) -> torch.Tensor:

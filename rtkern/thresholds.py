@@ -26,7 +26,7 @@ from typing import Mapping, Optional, Union
 import numpy as np
 import torch
 
-from .spec import RefusalSpec
+from .spec import RefusalSpec, thresholds_float32
 
 FORMAT = "rtkern-thresholds/1"
 _MODES = ("category", "sum")
@@ -236,4 +236,4 @@ def thresholds_tensor(th: Thresholds, spec: RefusalSpec, device=None) -> torch.T
         raise TypeError(f"th must be a Thresholds, got {type(th).__name__}")
     check_against_spec(th, spec)
     vals = [th.thresholds.get(n, th.default) for n in spec.names]
-    return torch.tensor(vals, dtype=torch.float32, device=device)
+    return thresholds_float32(torch.tensor(vals, dtype=torch.float64, device=device))

@@ -257,10 +257,16 @@ def test_request_controls_overlay_defaults_and_mode_codes():
     # A request's mapping overrides only the categories it names; the others keep the defaults.
     thr, bias, _ = rc(SPEC, {"refusal_thresholds": {NAMES[0]: 0.1}, "refusal_logit_bias": {2: -1.0}},
                       thresholds=0.7, logit_bias=[0.5, 0.5, 0.5])
-    assert thr == [0.1, 0.7, 0.7] and bias == [0.5, 0.5, -1.0]
+    assert thr == _f32([0.1, 0.7, 0.7]) and bias == [0.5, 0.5, -1.0]  # the values the sampler's float32 holds
     # A request's number or list replaces the defaults entirely; one [1, C] row is a [C] row.
-    assert rc(SPEC, {"refusal_thresholds": 0.2}, thresholds={NAMES[0]: 0.9})[0] == [0.2] * 3
-    assert rc(SPEC, {"refusal_thresholds": [[0.1, 0.2, 0.3]]})[0] == pytest.approx([0.1, 0.2, 0.3])
+    assert rc(SPEC, {"refusal_thresholds": 0.2}, thresholds={NAMES[0]: 0.9})[0] == _f32([0.2] * 3)
+    assert rc(SPEC, {"refusal_thresholds": [[0.1, 0.2, 0.3]]})[0] == _f32([0.1, 0.2, 0.3])
+    # Just above 1 rounds to 1.0 in float32, which a probability of 1 passes: it must stay above 1 (off).
+    assert all(t > 1 for t in rc(SPEC, {"refusal_thresholds": 1 + 1e-9})[0])
+
+
+def _f32(values):
+    return torch.tensor(values, dtype=torch.float32).tolist()
 
 
 @pytest.mark.parametrize("extra, err, msg", [

@@ -490,6 +490,13 @@ def test_launchers_on_a_cpu_without_the_interpreter_say_so(monkeypatch):
     _bad(lambda: fused_linear(x, w), ValueError, "TRITON_INTERPRET")
     _bad(lambda: add_rmsnorm(x, torch.ones(8), 1e-5), ValueError, "TRITON_INTERPRET")
     _bad(lambda: swiglu(x), ValueError, "TRITON_INTERPRET")
+    from rtkern import RefusalControls, SampleOutput
+    from rtkern.kernels.refusal_sampler import refusal_sample_launch
+    c, out = RefusalControls.build(2, 1), SampleOutput.empty(2, 1, "cpu")
+    _bad(lambda: refusal_sample_launch(x, torch.tensor([3], dtype=torch.int32), 1, c.thresholds, c.logit_bias, c.mode,
+                                       c.temperature, c.first_step, c.seed, c.position, None, *out),
+         ValueError, "TRITON_INTERPRET")
+    _bad(lambda: refusal_sample_launch(x.tolist(), *[None] * 13), TypeError, "logits must be a torch.Tensor")
 
 
 # -- the whole decode step ------------------------------------------------------------------------

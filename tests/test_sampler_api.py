@@ -170,6 +170,21 @@ def test_bad_out_is_rejected(no_launch, backend, out, exc, match):
         refusal_sample(good_logits(), SPEC, good_controls(), out=out, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_sharing_memory_with_the_controls_is_rejected(no_launch, backend):
+    # The kernel stores the probabilities before it reads the thresholds: p >= p would refuse every row.
+    controls = good_controls(thresholds=0.9)
+    out = _out()._replace(refusal_probs=controls.thresholds)
+    with pytest.raises(ValueError, match=r"out.refusal_probs and controls.thresholds overlap in memory"):
+        refusal_sample(good_logits(), SPEC, controls, out=out, backend=backend)
+
+
+def test_first_step_flags_take_bools_and_zero_one():
+    for value in (True, [True, False], [1, 0], torch.tensor([1, 0]), 0):
+        got = RefusalControls.build(B, C, DEVICE, first_step=value).first_step
+        assert got.dtype == torch.bool and got.tolist() == torch.as_tensor(value).expand(B).bool().tolist()
+
+
 def test_remembered_checks_still_catch_a_replaced_field_or_another_shape(no_launch):
     # The per-step fast path remembers a passing check; a replaced tensor or another batch re-checks.
     controls, out = good_controls(), _out()
@@ -291,10 +306,50 @@ def test_apply_refusal_rejects_logits_it_cannot_write_in_place(no_launch, backen
     (dict(seed=[1.7, 2.0]), TypeError, r"seed must hold integers, got a torch.float32 tensor"),
     (dict(position=[True, False]), TypeError, r"position must be numeric, got a bool tensor"),
     (dict(thresholds=[[0.1, 0.2], [0.3]]), ValueError, r"thresholds must be numbers that fit a tensor"),
+    (dict(first_step=2), ValueError, r"first_step must be bools or 0/1, got \[2\]"),
+    (dict(first_step=torch.tensor([0, 7])), ValueError, r"first_step must be bools or 0/1, got \[0, 7\]"),
+    (dict(first_step=[1.0, 0.0]), TypeError, r"first_step must hold integers"),
 ])
 def test_bad_control_values_are_rejected_by_build(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         RefusalControls.build(B, C, DEVICE, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["category", "sum"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_threshold_just_above_one_never_refuses(backend, mode):
+    # 1 + 1e-9 rounds to 1.0 in float32, and in sum mode rounding can take sum(p) past 1: a threshold above
+    # 1 must still switch refusal off, here on rows whose refusal tokens hold all the mass.
+    spec = RefusalSpec([1, 2, 3, 4, 5], 6)
+    logits = torch.full((3, 8), -100.0)
+    logits[0, 1] = 50.0                                                       # p_0 = 1 exactly
+    logits[1, 1:6] = torch.tensor([46.625, 40.625, 44.75, 45.0, 46.5])        # float32 sum(p) > 1
+    logits[2, 1:6] = torch.tensor([3.0, 1.0, 2.0, 2.5, 0.5]) + 60.0
+    for thr in (1 + 1e-9, torch.tensor(1 + 1e-9, dtype=torch.float64), 1.0000001192092896):
+        controls = RefusalControls.build(3, 5, DEVICE, thresholds=thr, mode=mode, temperature=0.0)
+        assert (controls.thresholds > 1).all()
+        res = refusal_sample(logits.to(DEVICE), spec, controls, backend=backend)
+        assert res.refused.tolist() == [-1] * 3 and res.tokens.tolist() == [6] * 3
+    # ... while 1.0 itself refuses a row whose refusal token holds all the mass.
+    res = refusal_sample(logits.to(DEVICE), spec, RefusalControls.build(3, 5, DEVICE, thresholds=1.0, mode=mode,
+                                                                        temperature=0.0), backend=backend)
+    assert res.refused[0].item() == 0
+
+
+def test_cpu_reference_decides_a_row_the_same_in_any_batch():
+    # Rule 6 on the default CPU path: torch splits a [1, V] and a [B, V] reduction over threads differently,
+    # which moved float32 probabilities in their last bit and flipped decisions at a calibrated threshold.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        logits = torch.randn(64, 128256, generator=gen) * 4
+        spec = RefusalSpec([5, 7], 9)
+        batched = refusal_probs(logits, spec)
+        for r in range(logits.shape[0]):
+            assert torch.equal(refusal_probs(logits[r:r + 1].clone(), spec)[0], batched[r]), r
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -31,7 +31,7 @@ def real_number(name: str, v) -> float:
 
 def per_category(name: str, value: PerCategory, spec: RefusalSpec, default: float
                  ) -> Union[float, torch.Tensor]:
-    """Normalise a per-category control to a float or a float32 tensor ``[C]`` / ``[B, C]``.
+    """Normalise a per-category control to a float or a tensor ``[C]`` / ``[B, C]``.
 
     Parameters
     ----------
@@ -49,8 +49,8 @@ def per_category(name: str, value: PerCategory, spec: RefusalSpec, default: floa
     Returns
     -------
     float or torch.Tensor
-        A float, or a float32 CPU tensor of shape ``[C]`` or ``[B, C]`` (shape checked by the caller
-        through `RefusalControls.build`).
+        A float, or a CPU tensor of shape ``[C]`` or ``[B, C]`` (float64: `RefusalControls.build`, which
+        also checks the shape, rounds to the sampler's float32 once).
     """
     C = spec.num_categories
     if isinstance(value, Thresholds):  # a calibration file, loaded
@@ -59,18 +59,18 @@ def per_category(name: str, value: PerCategory, spec: RefusalSpec, default: floa
         out = [float(default)] * C
         for key, v in value.items():
             out[category_index(name, key, spec)] = real_number(name, v)
-        return torch.tensor(out, dtype=torch.float32)
+        return torch.tensor(out, dtype=torch.float64)
     if isinstance(value, torch.Tensor):
         if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"{name} must be a real-valued tensor, got {value.dtype}")
-        return value.detach().to(device="cpu", dtype=torch.float32)
+        return value.detach().to(device="cpu", dtype=torch.float64)
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{name} must be a number, a sequence, a mapping or a tensor, got a string")
     if isinstance(value, Sequence):
         rows = [list(r) if isinstance(r, Sequence) and not isinstance(r, (str, bytes)) else r for r in value]
         if rows and all(isinstance(r, list) for r in rows):
-            return torch.tensor([[real_number(name, v) for v in r] for r in rows], dtype=torch.float32)
-        return torch.tensor([real_number(name, v) for v in rows], dtype=torch.float32)
+            return torch.tensor([[real_number(name, v) for v in r] for r in rows], dtype=torch.float64)
+        return torch.tensor([real_number(name, v) for v in rows], dtype=torch.float64)
     return real_number(name, value)
 
 

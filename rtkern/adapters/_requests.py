@@ -61,9 +61,11 @@ def request_controls(spec: RefusalSpec, extra_args: Optional[Mapping[str, Any]],
         raise TypeError(f"refusal_mode must be a string, got {m!r}")
     if m not in MODES:
         raise ValueError(f"refusal_mode must be one of {list(MODES)}, got {m!r}")
-    # Value checks (NaN, negative thresholds, non-finite bias) exactly as the sampler's own controls.
-    RefusalControls.build(1, C, "cpu", thresholds=torch.tensor(thr), logit_bias=torch.tensor(bias), mode=m)
-    return thr, bias, MODES[m]
+    # Value checks (NaN, negative thresholds, non-finite bias) exactly as the sampler's own controls, and
+    # the float32 values it will use (a threshold just above 1 stays above 1).
+    built = RefusalControls.build(1, C, "cpu", thresholds=torch.tensor(thr, dtype=torch.float64),
+                                  logit_bias=torch.tensor(bias, dtype=torch.float64), mode=m)
+    return built.thresholds[0].tolist(), built.logit_bias[0].tolist(), MODES[m]
 
 
 def reject_unknown_args(args: Mapping) -> None:
