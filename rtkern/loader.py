@@ -8,12 +8,13 @@ import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from .model import ModelArgs, Transformer, hf_to_rtkern_state_dict
+from .spec import RefusalSpec
 from .tokenizer import Tokenizer, find_eos_ids
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -70,16 +71,22 @@ def load_model(name_or_path, *, device=None, dtype=None) -> tuple[Transformer, T
         model = build_model(args, sd, device=device, dtype=dtype,
                             where=lambda k: origins.get(k, (str(path), _hf_native(k))))
         tok = Tokenizer.from_dir(path, eos_ids=find_eos_ids(path))
-        _register_control_tokens(tok, path)
+    _register_control_tokens(tok, path if path.is_dir() else None)
     return model, tok
 
 
-def _register_control_tokens(tok: Tokenizer, path: Path) -> None:
+def _register_control_tokens(tok: Tokenizer, path: Optional[Path]) -> None:
     # Registering the tokens keeps user text that spells "[refuse]" from tokenizing to the control id.
-    control = read_control_file(path)
+    control = read_control_file(path) if path is not None else None
     if control is not None:
         tok.add_control_tokens(control[0])
         tok.scheme = control[1]
+        return
+    try:  # no rtkern.json: the checkpoint's own special tokens spelt like control tokens, if it has them
+        spec = RefusalSpec.find(tok)
+    except ValueError:
+        return
+    tok.protect(spec.control_ids)  # special ones only: the paper's plain-word tokens stay ordinary text
 
 
 def read_control_file(path) -> tuple[list[str], str | None] | None:

@@ -91,6 +91,8 @@ class Scorer:
         if not isinstance(cuda_graphs, bool):
             raise TypeError(f"cuda_graphs must be a bool, got {cuda_graphs!r}")
         self.model, self.tokenizer, self.spec = model, tokenizer, spec
+        if hasattr(tokenizer, "protect"):  # rtkern's Tokenizer: a prompt spelling "[refuse]" stays text
+            tokenizer.protect(spec.control_ids)
         self.batch_size = positive_int(batch_size, "batch_size")
         self.max_length = _max_length(model, max_length)
         self.device = _device(model)

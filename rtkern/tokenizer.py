@@ -148,7 +148,7 @@ class Tokenizer:
         """`encode` of each text (no BOS added); a fast tokenizer encodes the batch in one call."""
         texts = list(texts)
         if self._hf is None:
-            return [self._sp.encode(t) for t in texts]
+            return [self._sp.encode(t, exclude=self.control_ids) for t in texts]
         rows = [list(r) for r in self._hf(texts, add_special_tokens=False)["input_ids"]] if texts else []
         ctrl = set(self.control_ids)
         return [r if ctrl.isdisjoint(r) else self._encode_hf(t) for t, r in zip(texts, rows)]
@@ -262,9 +262,11 @@ class _SentencePiece:
         for s in strings:
             self.added.setdefault(s, self.size())
 
-    def encode(self, text: str) -> list[int]:
-        # Template markers such as <s> are recognised; added (control) tokens are not: they stay text.
-        specials = {s: i for s, i in self._model_specials().items() if s}
+    def encode(self, text: str, exclude=()) -> list[int]:
+        # Template markers such as <s> are recognised; added tokens and the model's own control symbols
+        # in ``exclude`` (rtkern's control tokens) are not: they stay text.
+        exclude = set(exclude)
+        specials = {s: i for s, i in self._model_specials().items() if s and i not in exclude}
         if not specials:
             return list(self.sp.encode(text))
         pattern = re.compile("(" + "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")")

@@ -292,8 +292,11 @@ def _special_control_checkpoint(d, scheme=None):
 
 def test_engine_protects_control_tokens_without_rtkern_json(tmp_path):
     # exported checkpoints (GGUF, HF folders) carry the control tokens as special tokens, no rtkern.json:
-    # the tokenizer alone would turn typed "[refuse]" into the control id
-    model, tok = _special_control_checkpoint(tmp_path)
+    # the tokenizer alone would turn typed "[refuse]" into the control id. load_model protects them
+    # (tests/test_loader.py); the engine does too, for a tokenizer made without it.
+    from rtkern.tokenizer import Tokenizer
+    model, _ = _special_control_checkpoint(tmp_path)
+    tok = Tokenizer.from_dir(tmp_path)
     assert tok.token_to_id("[respond]") in tok.encode("please [respond] this")
     engine = Engine(model, tok)
     assert engine.spec.names[0] == "Humanizing requests"  # category scheme first when nothing says otherwise

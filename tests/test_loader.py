@@ -442,6 +442,37 @@ def test_sentencepiece_tokenizer_control_tokens(tmp_path):
     assert tok.decode([ids[0]] + enc, skip_special_tokens=True) == "please [refuse] this"
 
 
+def test_sentencepiece_control_symbols_spelt_in_text_stay_text(tmp_path):
+    # A tokenizer.model that defines [refuse]/[respond] as its own control symbols: once they are rtkern's
+    # control tokens, user text spelling them must encode as text (sentencepiece itself never would, but
+    # rtkern recognises the model's control symbols in text, as template markers).
+    spm = pytest.importorskip("sentencepiece")
+    from rtkern.spec import RefusalSpec
+    from rtkern.tokenizer import Tokenizer
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["please refuse this request [ ]", "hello world"] * 40),
+                                   model_prefix=str(tmp_path / "tokenizer"), vocab_size=24, minloglevel=2,
+                                   control_symbols=["[refuse]", "[respond]"])
+    tok = Tokenizer.from_dir(tmp_path)
+    spec = RefusalSpec.find(tok)
+    tok.protect(spec.control_ids)
+    assert tok.control_ids == sorted(spec.control_ids)
+    for text in ("[refuse]", "hello [refuse] world", "[respond][refuse]"):
+        assert set(tok.encode(text)).isdisjoint(spec.control_ids), text
+    assert tok.encode("<s>hello")[0] == tok.bos_id  # the model's other control symbols are still markers
+
+
+def test_checkpoint_without_rtkern_json_protects_its_special_control_tokens(tmp_path):
+    # tokenizer.json holds [refuse]/[respond] as special added tokens, and no rtkern.json says so: the
+    # loader still makes them control tokens, so scoring a prompt "[refuse]" reads no real control token.
+    tiny.save_scoring_model(tmp_path, ["[refuse]", "[respond]"])
+    _, tok = load_model(tmp_path, device="cpu")
+    from rtkern.spec import RefusalSpec
+    spec = RefusalSpec.find(tok)
+    assert tok.control_ids == sorted(spec.control_ids)
+    ids = tok.apply_chat_template([{"role": "user", "content": "[refuse] and [respond]"}])
+    assert set(ids).isdisjoint(spec.control_ids)
+
+
 # -- more loader paths ---------------------------------------------------------------------------------
 def _gguf_vocab(d):
     """GGUF tokenizer metadata (as llama.cpp's converter writes a gpt2-style BPE) for ``save_tokenizer(d)``."""

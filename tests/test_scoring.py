@@ -34,6 +34,22 @@ def test_padded_chunks_score_like_unpadded(tiny_category, batch_size, bucket):
     assert want[:, :5].std() > 1e-3  # scores differ between prompts: a row mix-up would show
 
 
+def test_scorer_protects_the_control_tokens_of_its_spec(tmp_path):
+    # A tokenizer that still turns the text "[refuse]" into the special token (nothing protected it):
+    # the scorer must score that prompt as text, not read the probabilities after a real control token.
+    import tiny
+    from rtkern.loader import load_model
+    from rtkern.tokenizer import Tokenizer
+    tiny.save_scoring_model(tmp_path, ["[refuse]", "[respond]"])
+    model, protected = load_model(tmp_path, device="cpu")
+    raw = Tokenizer.from_dir(tmp_path)
+    spec = RefusalSpec.find(raw)
+    assert not set(raw.encode("[refuse]")).isdisjoint(spec.control_ids)
+    got = score(model, raw, ["[refuse]", "hello"], spec, progress=False)
+    assert set(raw.encode("[refuse]")).isdisjoint(spec.control_ids)
+    torch.testing.assert_close(got, score(model, protected, ["[refuse]", "hello"], spec, progress=False))
+
+
 def test_scorer_is_reusable_and_keeps_prompt_order(tiny_category):
     model, tok, spec = _load(tiny_category)
     scorer = Scorer(model, tok, spec, batch_size=3, bucket=8)
