@@ -170,6 +170,9 @@ class Engine:
         params = _per_request(params, len(prompts))
         for p in {id(p): p for p in params}.values():
             _request_controls(p, self.spec)  # every request's values, before any batch runs
+            if p.stop and self.tok is None:
+                raise ValueError(f"stop strings {list(p.stop)} need a tokenizer to read the text, and this engine "
+                                 "has none")
         ids = [self.encode(p, chat=chat) for p in prompts]
         empty = [i for i, x in enumerate(ids) if not x]
         if empty:

@@ -16,6 +16,7 @@ import torch
 from .model import ModelArgs, Transformer, hf_to_rtkern_state_dict
 from .spec import RefusalSpec
 from .tokenizer import Tokenizer, find_eos_ids
+from .weights_check import gguf_culprit, safetensors_culprit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -202,7 +203,7 @@ def _load_hf(path) -> tuple[ModelArgs, dict, dict]:
         except ValueError:
             raise
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            raise ValueError(f"{f}: malformed or truncated safetensors file: {e}") from e
+            raise ValueError(f"{f}: malformed or truncated safetensors file: {safetensors_culprit(f) or e}") from e
     names = hf_to_rtkern_state_dict({k: k for k in sd})  # ours -> the file's name (a pure renaming)
     return args, hf_to_rtkern_state_dict(sd), {ours: (file_of[k], k) for ours, k in names.items()}
 
@@ -271,7 +272,7 @@ def load_gguf_state_dict(path) -> tuple[ModelArgs, dict, dict]:
         reader = gguf.GGUFReader(str(path))
         meta = _gguf_metadata(reader)
     except Exception as e:  # noqa: BLE001 - the reader raises assorted errors on bad input
-        raise ValueError(f"{path}: malformed or truncated GGUF file: {e}") from e
+        raise ValueError(f"{path}: malformed or truncated GGUF file: {gguf_culprit(path) or e}") from e
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise ValueError(f"{path}: unsupported GGUF architecture {arch!r} (supported: 'llama')")

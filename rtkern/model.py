@@ -386,6 +386,10 @@ class Transformer(nn.Module):
             input_pos = torch.arange(T, device=device)
         if cached and B > self.max_batch:
             raise ValueError(f"batch {B} exceeds the cache's max_batch {self.max_batch}")
+        # Positions are device tensors (checking their values would sync): only the shape is checked here;
+        # the engine keeps every position below max_seq.
+        if cached and T > self.max_seq:
+            raise ValueError(f"{T} tokens exceed the cache's max_seq {self.max_seq}")
         freqs = input_pos.float()[..., None] * self.inv_freq(device)     # [T, D/2] or [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         x = self.embed_tokens(tokens)

@@ -340,6 +340,9 @@ def test_engine_without_tokenizer_stops_at_the_models_eos(loaded, monkeypatch, i
     r = Engine(model, None, spec).generate([ids], SamplingParams(max_new_tokens=12, thresholds=2.0))[0]
     first = free.index(free[stop_at])
     assert r.finish_reason == "eos" and r.tokens == free[:first + 1]
+    # stop strings are matched on the text, which an engine without a tokenizer cannot read
+    with pytest.raises(ValueError, match=r"stop strings \['\.'\] need a tokenizer .* this engine has none"):
+        Engine(model, None, spec).generate([ids], SamplingParams(max_new_tokens=4, stop=["."]))
 
 
 # -- per-request controls, finish reasons and batching (each test kills a surviving engine mutation) --

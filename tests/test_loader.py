@@ -106,7 +106,8 @@ def test_sharded_rejects_truncated_shard(sharded):
     d, _, meta = sharded
     shard = d / sorted(set(meta["weight_map"].values()))[0]
     shard.write_bytes(shard.read_bytes()[:-100])
-    with pytest.raises(ValueError, match=re.escape(f"{shard}: malformed or truncated safetensors file")):
+    with pytest.raises(ValueError, match=re.escape(f"{shard}: malformed or truncated safetensors file: ") +
+                       r"tensor '[\w.]+' needs bytes \d+\.\.\d+ of the data, the file holds \d+"):
         load_hf_state_dict(d)
 
 
@@ -141,7 +142,22 @@ def test_rejects_truncated_safetensors(saved):
     f = saved / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=re.escape(f"{f}: malformed or truncated safetensors file")):
+    with pytest.raises(ValueError, match=re.escape(f"{f}: malformed or truncated safetensors file: ") +
+                       r"tensor '[\w.]+' needs bytes"):
+        load_model(saved, device="cpu")
+
+
+def test_safetensors_header_that_disagrees_with_a_shape_names_the_tensor(saved):
+    f = saved / "model.safetensors"
+    data = f.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    name = sorted(k for k in header if k != "__metadata__")[0]
+    header[name]["shape"] = [header[name]["shape"][0] + 1] + header[name]["shape"][1:]
+    raw = json.dumps(header).encode()
+    f.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+    with pytest.raises(ValueError, match=re.escape(f"{f}: malformed or truncated safetensors file: tensor {name!r} "
+                                                   "spans ")):
         load_model(saved, device="cpu")
 
 
@@ -284,11 +300,16 @@ def test_gguf_rejects_truncated_and_unsupported(tmp_path):
     path = tmp_path / "tiny.gguf"
     write_gguf(path, hf)
     data = path.read_bytes()
+    bad = tmp_path / "truncated.gguf"
     for cut in (1000, len(data) // 2):
-        bad = tmp_path / "truncated.gguf"
         bad.write_bytes(data[: len(data) - cut])
-        with pytest.raises(ValueError, match=re.escape(f"{bad}: malformed or truncated GGUF file")):
+        with pytest.raises(ValueError, match=re.escape(f"{bad}: malformed or truncated GGUF file: ") +
+                           rf"tensor '[\w.]+' \(\w+\) needs bytes \d+\.\.\d+, the file holds {len(data) - cut}$"):
             load_gguf_state_dict(bad)
+    bad.write_bytes(data[:200])
+    with pytest.raises(ValueError, match=re.escape(f"{bad}: malformed or truncated GGUF file: the header runs past "
+                                                   "the end of the file (200 bytes)")):
+        load_gguf_state_dict(bad)
     (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\x00" * 10)
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'junk.gguf'}: malformed or truncated GGUF file")):
         load_gguf_state_dict(tmp_path / "junk.gguf")

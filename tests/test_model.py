@@ -319,6 +319,8 @@ def test_cache_max_batch_enforced_and_remove_cache_restores_plain_forward():
         assert (m.max_batch, m.max_seq) == (2, 16)
         with pytest.raises(ValueError, match="batch 3 exceeds the cache's max_batch 2"):
             m(tokens)
+        with pytest.raises(ValueError, match="17 tokens exceed the cache's max_seq 16"):
+            m(torch.zeros(1, 17, dtype=torch.long))
         torch.testing.assert_close(m(tokens[:2], torch.arange(5)), plain[:2], atol=1e-6, rtol=1e-6)
         m.remove_cache()
         assert (m.max_batch, m.max_seq) == (0, 0)
