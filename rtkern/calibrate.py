@@ -14,6 +14,7 @@ a value above 1 switches a category off.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -293,7 +294,7 @@ def threshold_for_rate(scores, rate: float) -> float:
     ``rate`` 0 gives a threshold just above the highest score. Returns a float32-exact value.
     """
     s = np.sort(np.asarray(scores, dtype=np.float32))[::-1]
-    _check_rate(rate, "rate")
+    rate = _check_rate(rate, "rate")
     if s.size == 0:
         raise ValueError("no scores to choose a threshold from")
     k = math.ceil(rate * s.size - 1e-9)  # the epsilon keeps 0.07 * 100 = 7.000000000000001 at 7
@@ -303,7 +304,7 @@ def threshold_for_rate(scores, rate: float) -> float:
 def threshold_for_max_rate(scores, max_rate: float) -> float:
     """Smallest threshold t with fraction(scores >= t) <= max_rate. Returns a float32-exact value."""
     s = np.sort(np.asarray(scores, dtype=np.float32))[::-1]
-    _check_rate(max_rate, "max_rate")
+    max_rate = _check_rate(max_rate, "max_rate")
     if s.size == 0:
         raise ValueError("no scores to choose a threshold from")
     m = math.floor(max_rate * s.size + 1e-9)
@@ -331,9 +332,11 @@ def threshold_for_best_f1(y_true, scores) -> tuple[float, float]:
     return float(s[last_of_tie][best]), float(f1[best])
 
 
-def _check_rate(rate: float, name: str) -> None:
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+def _check_rate(rate: float, name: str) -> float:
+    # numbers.Real takes numpy's scalars too (a rate read from an array); bools are not rates.
+    if isinstance(rate, (bool, np.bool_)) or not isinstance(rate, numbers.Real) or not 0.0 <= rate <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {rate!r}")
+    return float(rate)
 
 
 def _labels(probs, should_refuse, category) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -372,9 +375,11 @@ def choose_for_target_rate(probs, should_refuse, category, target: float, mode: 
     mode) any token may refuse any prompt, so the thresholds are chosen together: every token c that
     has labelled prompts gets the largest threshold at which p_c alone fires on a fraction q of the
     should-refuse prompts of category c, and q is the smallest for which every such category's realised
-    rate (any token firing) reaches ``target``. Tokens of categories without labelled prompts keep the
-    threshold shared by all tokens (chosen on max_c p_c). ``target`` 0 refuses no should-refuse prompt
-    (q = 0 puts each token above its probability on every should-refuse prompt).
+    rate (any token firing) reaches ``target``, and so does the rate on should-refuse prompts of no
+    labelled category (a note says so where even q = 1 leaves them short). Tokens of categories without
+    labelled prompts keep the threshold shared by all tokens (chosen on max_c p_c); with no category
+    labels at all every token takes it. ``target`` 0 refuses no should-refuse prompt (q = 0 puts each
+    token above its probability on every should-refuse prompt).
 
     Parameters
     ----------
@@ -389,20 +394,26 @@ def choose_for_target_rate(probs, should_refuse, category, target: float, mode: 
     """
     p, y, c = _labels(probs, should_refuse, category)
     _check_mode(mode)
-    _check_rate(target, "target")
+    target = _check_rate(target, "target")
     if not y.any():
         raise ValueError("a target refusal rate needs should-refuse prompts")
     what = f"target refusal rate {target:g} on should-refuse prompts"
     uniform = threshold_for_rate(refusal_score(p[y], mode), target)
     own = {k: y & (c == k) for k in range(p.shape[1]) if (y & (c == k)).any()}
-    q = _shared_share(p, y, own, uniform, target) if mode == "category" and p.shape[1] > 1 else target
-
-    def pick(k):
-        return _share_threshold(p, y, own[k], k, q) if k in own else None
-
-    if mode == "category" and p.shape[1] > 1:
-        what += f" (category tokens chosen together: each fires on a share {q:.3g} of its own category)"
-    return _per_category(p, y, c, mode, uniform, pick, what, names)
+    if mode != "category" or p.shape[1] == 1 or not own:  # one shared threshold reaches the target
+        return _per_category(p, y, c, mode, uniform, lambda k: None, what, names)
+    rest = y & ~np.isin(c, list(own))  # should-refuse prompts of no labelled category
+    groups = list(own.values()) + ([rest] if rest.any() else [])
+    q = _shared_share(p, y, own, uniform, target, groups)
+    what += f" (category tokens chosen together: each fires on a share {q:.3g} of its own category)"
+    choice = _per_category(p, y, c, mode, uniform, lambda k: _share_threshold(p, y, own[k], k, q) if k in own
+                           else None, what, names)
+    if rest.any():
+        got = (p[rest] >= choice.thresholds).any(axis=1).mean()
+        if got < target - 1e-9:
+            choice.notes.append(f"should-refuse prompts of no labelled category: refusal rate {got:.3g}, below "
+                                f"the target {target:g} even with every labelled token at its lowest threshold")
+    return choice
 
 
 def _share_threshold(p: np.ndarray, y: np.ndarray, own: np.ndarray, k: int, q: float) -> float:
@@ -410,17 +421,18 @@ def _share_threshold(p: np.ndarray, y: np.ndarray, own: np.ndarray, k: int, q: f
     return threshold_for_rate(p[own, k], q) if q > 0 else _above(p[y, k].max())
 
 
-def _shared_share(p: np.ndarray, y: np.ndarray, own: dict, uniform: float, target: float) -> float:
-    """Smallest share q such that, with each labelled token at its `_share_threshold`, every labelled
-    category's realised refusal rate (any token firing) reaches ``target``."""
+def _shared_share(p: np.ndarray, y: np.ndarray, own: dict, uniform: float, target: float, groups: list) -> float:
+    """Smallest share q such that, with each labelled token at its `_share_threshold`, every group of
+    should-refuse prompts (each labelled category, and those of none) has a realised refusal rate (any
+    token firing) of at least ``target``; 1 when no q reaches it."""
     def reached(q: float) -> bool:
         t = np.full(p.shape[1], uniform, dtype=np.float32)
         for k, rows in own.items():
             t[k] = _share_threshold(p, y, rows, k, q)
-        return all((p[rows] >= t).any(axis=1).mean() >= target - 1e-9 for rows in own.values())
+        return all((p[rows] >= t).any(axis=1).mean() >= target - 1e-9 for rows in groups)
 
     qs = sorted({j / int(rows.sum()) for rows in own.values() for j in range(int(rows.sum()) + 1)})
-    lo, hi = 0, len(qs) - 1               # reached(1) holds, and reached() is monotone in q
+    lo, hi = 0, len(qs) - 1               # reached() is monotone in q; q = 1 when nothing smaller reaches
     while lo < hi:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if reached(qs[mid]) else (mid + 1, hi)
@@ -452,7 +464,7 @@ def choose_for_max_over_refusal(probs, should_refuse, max_rate: float, mode: str
     """
     p, y, c = _labels(probs, should_refuse, category)
     _check_mode(mode)
-    _check_rate(max_rate, "max_rate")
+    max_rate = _check_rate(max_rate, "max_rate")
     neg = p[~y]
     if neg.shape[0] == 0:
         raise ValueError("a maximum over-refusal rate needs should-comply prompts")

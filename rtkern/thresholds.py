@@ -111,9 +111,10 @@ def _parse(data, src: str, spec: Optional[RefusalSpec]) -> Thresholds:
 
 
 def _check_one_value(values: dict, default: Optional[float], src: str) -> None:
-    """Mode ``sum`` compares one threshold with the summed probability: every value must be the same."""
+    """Mode ``sum`` compares one threshold with the summed probability: every value must be the same as
+    the sampler holds it (float32), so 0.3 written as a double and as a float32 agree."""
     distinct = set(values.values()) | ({default} if default is not None else set())
-    if len(distinct) > 1:
+    if len(thresholds_float32(torch.tensor(sorted(distinct), dtype=torch.float64)).unique()) > 1:
         where = f"'thresholds' holds {sorted(set(values.values()))}"
         if default is not None:
             where += f" and 'default' is {default}"

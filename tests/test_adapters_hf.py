@@ -149,6 +149,9 @@ def test_per_prompt_thresholds_and_logit_bias(hf, prompts):
     # generate repeat-interleaves prompts for num_return_sequences; per-prompt controls must follow.
     out = generate(hf, prompts, proc, max_new_tokens=2, do_sample=True, num_return_sequences=3)
     torch.testing.assert_close(out[:, L], want.tokens.repeat_interleave(3))
+    # ... and a batch of distinct prompts that is only a multiple of B must not take them silently.
+    with pytest.raises(ValueError, match=rf"generate passed {2 * B} rows that are not 2 copies of each of the {B} "):
+        generate(hf, torch.cat([prompts, prompts.flip(1)]), proc, max_new_tokens=2)
 
 
 def test_sum_mode_and_spec_without_respond(hf, prompts):

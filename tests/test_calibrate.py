@@ -232,6 +232,48 @@ def test_target_rate_counts_every_token():
     assert (decisions(probs, full.thresholds)[y] >= 0).all()
 
 
+@pytest.mark.parametrize("labels", ["none", "all -1"])
+def test_target_rate_with_category_tokens_but_no_category_labels(labels):
+    # data without a category column (or with categories the spec lacks): one shared threshold for
+    # every token reaches the target, as with --max-over-refusal and --best-f1 (it used to IndexError)
+    probs, y, _ = _synthetic(C=3)
+    cat = {"none": None, "all -1": np.full(len(y), -1)}[labels]
+    choice = choose_for_target_rate(probs, y, cat, 0.8)
+    assert np.all(choice.thresholds == threshold_for_rate(probs[y].max(1), 0.8))
+    assert 0.8 <= (decisions(probs, choice.thresholds) >= 0)[y].mean() < 0.8 + 1 / y.sum()
+    assert len(choice.notes) == 3  # each token: no labelled prompts of its category
+
+
+def test_target_rate_holds_for_should_refuse_prompts_of_no_labelled_category():
+    # Both tokens labelled; 200 more should-refuse prompts have no category and lower scores. Holding
+    # only the two categories to the target refused 82% of those.
+    probs = np.full((500, 2), 0.01, np.float32)
+    y, cat = np.arange(500) < 400, np.full(500, -1)
+    cat[:100], cat[100:200] = 0, 1
+    probs[:100, 0] = probs[100:200, 1] = np.linspace(0.1, 1.0, 100)
+    probs[200:400, 0] = np.linspace(0.12, 0.5, 200)
+    probs[400:, 0] = np.linspace(0.0, 0.05, 100)     # should comply
+    choice = choose_for_target_rate(probs, y, cat, 0.9)
+    refused = decisions(probs, choice.thresholds) >= 0
+    assert refused[:200].mean() >= 0.9 and refused[200:400].mean() >= 0.9 and not refused[400:].any()
+    assert refused[200:400].mean() < 0.91 and not [n for n in choice.notes if "no labelled category" in n]
+    # out of reach (below every labelled prompt's score): the report's notes say so
+    probs[200:400, 0] = 0.05
+    choice = choose_for_target_rate(probs, y, cat, 0.9)
+    assert any("no labelled category: refusal rate 0, below the target 0.9" in n for n in choice.notes)
+
+
+def test_rates_may_be_numpy_scalars():
+    probs, y, cat = _synthetic(C=3)
+    for rate in (np.float32(0.5), np.float64(0.5), np.int64(1)):
+        assert threshold_for_rate(probs[:, 0], rate) == threshold_for_rate(probs[:, 0], float(rate))
+        np.testing.assert_array_equal(choose_for_target_rate(probs, y, cat, rate).thresholds,
+                                      choose_for_target_rate(probs, y, cat, float(rate)).thresholds)
+    for bad in (np.bool_(True), np.float32("nan"), np.float64(1.5)):
+        with pytest.raises(ValueError, match=r"target must be a number in \[0, 1\]"):
+            choose_for_target_rate(probs, y, cat, bad)
+
+
 @pytest.mark.parametrize("mode", ["category", "sum"])
 def test_max_over_refusal_is_respected_and_tight(mode):
     probs, y, _ = _synthetic()
@@ -500,6 +542,11 @@ def test_save_thresholds_takes_numpy_numbers_not_bools(tmp_path):
     with pytest.raises(ValueError, match="too large for a float"):
         save_thresholds(tmp_path / "b.json", {"a": 10 ** 400})
     assert not (tmp_path / "b.json").exists()
+    # sum mode: one threshold as the sampler holds it (float32), whether written as a double or a float32
+    th = load_thresholds(save_thresholds(tmp_path / "s.json", {"a": np.float32(0.3), "b": 0.3}, mode="sum"))
+    assert th.mode == "sum"
+    with pytest.raises(ValueError, match="one threshold"):  # 1.0 refuses at p = 1, just above 1 never does
+        save_thresholds(tmp_path / "s.json", {"a": 1.0, "b": 1 + 1e-9}, mode="sum")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ model's raw next-token logits.
 
 Rows: ``generate`` calls the processor with one row per sequence, ``R = batch * num_return_sequences``
 (``batch * num_beams`` in beam search), prompts repeat-interleaved, so per-prompt controls given for the
-``batch`` prompts are repeated the same way.
+``batch`` prompts are repeated the same way (a ValueError if the rows are not such copies: one check,
+which waits on the device, per ``generate`` call).
 Beam search (``num_beams > 1``) passes log-softmaxed scores, whose softmax is the same distribution, so
 the decision is the same and every beam starts with the decided token (the forced token adds log 1 = 0
 to the beam score; the beams re-grow from the next position). Assisted / speculative generation and
@@ -204,6 +205,7 @@ class RefusalLogitsProcessor(_Base):
     def _first_step(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         rows, length = input_ids.shape
         controls = self._controls_for(rows, scores.device)
+        self._check_repeats(input_ids)
         work_dtype = scores.dtype if scores.dtype in _KERNEL_DTYPES else torch.float32
         # A private contiguous copy: apply_refusal_ rewrites in place, generate keeps `scores`.
         work = scores.to(dtype=work_dtype, memory_format=torch.contiguous_format, copy=True)
@@ -216,6 +218,19 @@ class RefusalLogitsProcessor(_Base):
         self.prompt_length = length
         self._prompt = input_ids.detach().clone() if self._fixed_prompt_length is None else None
         return work if work.dtype == scores.dtype else work.to(scores.dtype)
+
+    def _check_repeats(self, input_ids: torch.Tensor) -> None:
+        # Per-prompt controls spread over num_return_sequences / beam copies must meet copies of one
+        # prompt: a batch of distinct prompts that happens to be a multiple would take the wrong controls.
+        # One comparison per generate call (it waits on the device), only when rows were expanded.
+        n, rows = self._base.batch, input_ids.shape[0]
+        if n == 1 or rows == n:
+            return
+        groups = input_ids.reshape(n, rows // n, -1)
+        if not bool((groups == groups[:, :1]).all()):
+            raise ValueError(f"generate passed {rows} rows that are not {rows // n} copies of each of the {n} "
+                             f"prompts the per-prompt controls were given for; give controls for all {rows} "
+                             "prompts")
 
     def _resolve_pending(self, input_ids: torch.Tensor) -> None:
         # free rows: the sampler chose; the token it drew is now at position prompt_length.
