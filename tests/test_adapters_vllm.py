@@ -277,6 +277,9 @@ def _f32(values):
     ({"refusal_thresholds": {NAMES[0]: True}}, TypeError, "real numbers"),
     ({"refusal_logit_bias": {NAMES[0]: False}}, TypeError, "real numbers"),
     ({"refusal_mode": 1}, TypeError, "refusal_mode must be a string"),
+    # JSON integers of any size: a ValueError the server turns into a 400, never an OverflowError
+    ({"refusal_thresholds": 10 ** 400}, ValueError, "must fit a float, got an integer of 401 digits"),
+    ({"refusal_logit_bias": {NAMES[0]: -10 ** 400}}, ValueError, "must fit a float"),
     ([("refusal_mode", "sum")], TypeError, "extra_args must be a mapping"),
 ])
 def test_request_controls_rejects(extra, err, msg):

@@ -77,6 +77,14 @@ def test_cli_rejects_bad_weights_while_parsing(tmp_path, argv_tail):
     assert e.value.code == 2
 
 
+def test_cli_reports_bad_requests_without_a_traceback(tmp_path, capsys):
+    a, b = _run(tmp_path, "a", seed=1), _run(tmp_path, "b", seed=2)
+    assert main(["average", str(a), str(b), "--out", str(tmp_path / "o"), "--weights", "1", "2", "3"]) == 1
+    assert capsys.readouterr().err.strip() == "rtkern average: error: expected one weight per checkpoint (2), got 3"
+    assert main(["average", str(a), str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 1
+    assert "rtkern average: error: " in capsys.readouterr().err
+
+
 def test_rejects_mismatched_or_malformed_requests(tmp_path):
     a, b = _run(tmp_path, "a", seed=1), _run(tmp_path, "b", seed=2)
     with pytest.raises(ValueError, match="at least two checkpoints, got 1"):

@@ -479,6 +479,29 @@ def test_resume_refuses_a_changed_data_layout(base, tmp_path):
     assert tr.step == 2 and tr.total_steps == 3
 
 
+def test_a_new_run_or_an_old_checkpoint_never_mixes_with_another_timeline(base, tmp_path):
+    # Pruning keeps the highest steps whatever run wrote them: a new run in a folder holding an earlier
+    # run's checkpoints lost its own (even the one saved on SIGTERM), and --resume then took the old run's.
+    from rtkern.train.run import resolve_resume
+    out = tmp_path / "run"
+    common = dict(base=str(base), data=[str(_data(tmp_path))], out=str(out), device="cpu", progress=False,
+                  plot=False, seq_len=128, batch_size=2, max_steps=5, lr=3e-3, warmup_steps=1, save_every=2,
+                  keep_last=2)
+    build_trainer(TrainConfig(**common), None).train()
+    assert [c.name for c in list_checkpoints(out)] == ["checkpoint-0000002", "checkpoint-0000004"]
+    with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(checkpoint-0000002, "
+                                         r"checkpoint-0000004\): continue it with --resume"):
+        resolve_resume(TrainConfig(**{**common, "lr": 1e-3}))
+    with pytest.raises(ValueError, match=r"holds checkpoints after checkpoint-0000002 \(checkpoint-0000004\)"):
+        resolve_resume(TrainConfig(**{**common, "resume": str(out / "checkpoint-0000002")}))
+    assert resolve_resume(TrainConfig(**{**common, "resume": "auto"})).name == "checkpoint-0000004"
+    # going back to step 2 in another folder is fine, and so is the newest checkpoint itself
+    assert resolve_resume(TrainConfig(**{**common, "out": str(tmp_path / "other"),
+                                         "resume": str(out / "checkpoint-0000002")})).name == "checkpoint-0000002"
+    assert resolve_resume(TrainConfig(**{**common, "resume": str(out / "checkpoint-0000004")})).name == \
+        "checkpoint-0000004"
+
+
 def test_resume_keeps_the_metrics_window(base, tmp_path):
     """log_every=2, checkpoint at step 3: the step-4 record covers steps 3 and 4 as in a run without a stop."""
     common = dict(base=str(base), data=[str(_data(tmp_path))], device="cpu", progress=False, plot=False,
@@ -525,7 +548,7 @@ def test_training_device_follows_the_local_rank(monkeypatch):
 
 @pytest.mark.parametrize("parallel,world,want", [("fsdp", 2, "cpu"), ("ddp", 2, "cuda:1"), ("fsdp", 1, "cuda:0"),
                                                  ("auto", 2, "cuda:1")])
-def test_fsdp_loads_the_base_on_the_cpu(monkeypatch, parallel, world, want):
+def test_fsdp_loads_the_base_on_the_cpu(monkeypatch, tmp_path, parallel, world, want):
     """Under FSDP with several ranks the whole model must not go to one GPU: the base loads on the CPU."""
     from types import SimpleNamespace
 
@@ -541,7 +564,7 @@ def test_fsdp_loads_the_base_on_the_cpu(monkeypatch, parallel, world, want):
         raise Loaded
     monkeypatch.setattr(run_mod, "load_model", fake_load)
     cfg = SimpleNamespace(data=["d.jsonl"], device="cuda", parallel=parallel, resume=None, base="the-base",
-                          scheme="single")
+                          scheme="single", out=str(tmp_path / "out"))
     with pytest.raises(Loaded):
         run_mod.build_trainer(cfg, DistInfo(rank=world - 1, world=world, local_rank=world - 1))
     assert seen == [("the-base", torch.device(want), torch.float32)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -100,6 +101,10 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = average_checkpoints(args.checkpoints, args.out, weights=args.weights)
+    try:
+        out = average_checkpoints(args.checkpoints, args.out, weights=args.weights)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"rtkern average: error: {e}", file=sys.stderr)
+        return 1
     print(f"rtkern average: mean of {len(args.checkpoints)} checkpoints written to {out}")
     return 0

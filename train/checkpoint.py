@@ -35,6 +35,15 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:07d}"
 
 
+def checkpoint_step(path) -> int | None:
+    """The step a checkpoint was saved at (its trainer state, else its ``checkpoint-N`` name), or None."""
+    try:
+        return int(json.loads((Path(path) / STATE_JSON).read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        m = _STEP_DIR.match(Path(path).name)
+        return int(m.group(1)) if m else None
+
+
 def save_checkpoint(path, model, tokenizer, control: ControlTokens, *, state: dict | None = None,
                     tensors: dict | None = None, state_dict: dict | None = None) -> Path:
     """Write a checkpoint directory atomically (an existing one at ``path`` is replaced).

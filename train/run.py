@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..loader import load_model
-from .checkpoint import latest_checkpoint, load_control_tokens
+from .checkpoint import checkpoint_step, list_checkpoints, load_control_tokens
 from .config import TrainConfig
 from .data import build_examples, load_data
 from .prepare import add_control_tokens
@@ -24,18 +24,32 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
     Raises FileNotFoundError when there is none: training from the base instead would clear the run's
     metrics and overwrite its ``final/``.
     """
+    existing = list_checkpoints(cfg.out)
     if cfg.resume is None:
+        # Pruning keeps the newest steps whatever run wrote them: an earlier run's checkpoints would
+        # outlive (and delete) this run's, and --resume would later pick them up.
+        if existing:
+            raise ValueError(f"{cfg.out} holds checkpoints of an earlier run ({_names(existing)}): continue it "
+                             "with --resume, or start the new run in another --out (or delete them)")
         return None
     if cfg.resume == "auto":
-        found = latest_checkpoint(cfg.out)
-        if found is None:
+        if not existing:
             raise FileNotFoundError(f"--resume: no resumable checkpoint in {cfg.out} (checkpoint-N folders "
                                     "with trainer_state.json); drop --resume to start a new run")
-        return found
+        return existing[-1]
     p = Path(cfg.resume)
     if not p.is_dir():
         raise FileNotFoundError(f"resume: {p} is not a checkpoint directory")
+    step = checkpoint_step(p)
+    later = [c for c in existing if step is not None and checkpoint_step(c) > step]
+    if later:  # the abandoned timeline's steps would outrank this run's when pruning
+        raise ValueError(f"{cfg.out} holds checkpoints after {p.name} ({_names(later)}); delete them to go back "
+                         f"to {p.name}, or resume from it into another --out")
     return p
+
+
+def _names(paths) -> str:
+    return ", ".join(p.name for p in paths)
 
 
 def training_device(cfg: TrainConfig, dist_info: DistInfo) -> torch.device:

@@ -26,7 +26,10 @@ def real_number(name: str, v) -> float:
     # bool is an int subclass; True as a threshold is almost certainly a mistake.
     if isinstance(v, bool) or not isinstance(v, Real):
         raise TypeError(f"{name} values must be real numbers, got {v!r} ({type(v).__name__})")
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError:  # a JSON integer of 400 digits: a bad value (ValueError), not a crash
+        raise ValueError(f"{name} values must fit a float, got an integer of {len(str(abs(int(v))))} digits") from None
 
 
 def per_category(name: str, value: PerCategory, spec: RefusalSpec, default: float
