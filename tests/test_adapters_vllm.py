@@ -128,6 +128,20 @@ def test_added_rows_first_position_and_later_positions():
     assert st.last_rows is None
 
 
+@pytest.mark.parametrize("field", ["structured_outputs", "guided_decoding"])
+def test_structured_output_requests_keep_the_grammars_tokens(field):
+    # vLLM masks a grammar-constrained request's logits before this processor: deciding would read p = 0
+    # and force [respond], a token the grammar forbids. Such a row only gets its control tokens masked.
+    st = rv.RefusalBatchState(SPEC, thresholds=0.0)   # would refuse every decided row
+    grammar = SimpleNamespace(extra_args=None, **{field: object()})
+    st.update(batch_update(2, added=[(0, grammar, [1], []), (1, params(), [1], [])]))
+    z = make_logits(2)
+    z[0, 5:] = NEG                                   # the grammar allows tokens 0..4 only
+    got = st.apply(z.clone())
+    torch.testing.assert_close(got[0], z[0])
+    assert st.last_rows.tolist() == [1] and int(st.last_output.refused[0]) >= 0
+
+
 def test_removed_added_moved_rows_follow_their_requests():
     st = rv.RefusalBatchState(SPEC)
     a_out, b_out, c_out = [], [5], []

@@ -67,6 +67,21 @@ def test_staged_writes_reach_the_device_on_flush_and_slots_are_recycled():
     assert st.apply(z.clone(), torch.tensor([5]), torch.tensor([True]))[0].argmax() != RESPOND
 
 
+def test_structured_output_requests_are_not_decided():
+    # as in test_adapters_vllm: the grammar's mask came first; the row keeps the grammar's tokens
+    st = rv.RefusalSlotState(SPEC, 4, thresholds=0.0, backend="torch")
+    st.add(0, SimpleNamespace(extra_args=None, structured_outputs=object()))
+    st.add(1, params())
+    z = make_logits(2, seed=5)
+    z[0, 5:] = float("-inf")
+    got = st.apply(z.clone(), torch.tensor([0, 1]), torch.tensor([True, True]))
+    torch.testing.assert_close(got[0], z[0])
+    assert st.last_output.tokens[0] == -1 and st.last_output.tokens[1] in (40, 41, 42)
+    st.add(0, params())                              # the slot's next request is decided again
+    st.apply(z[:1].clone(), torch.tensor([0]), torch.tensor([True]))
+    assert st.last_output.tokens[0] in (40, 41, 42)
+
+
 def test_bad_arguments_fall_back_to_the_defaults(caplog):
     st = rv.RefusalSlotState(SPEC, 2, thresholds=2.0, backend="torch")
     st.add(0, params(refusal_thresholds={"Harmful": 0.0}))

@@ -43,6 +43,15 @@ def controls_or_defaults(spec: RefusalSpec, params, defaults: dict, where: str) 
         return request_controls(spec, None, **defaults)
 
 
+def constrained(params) -> bool:
+    """Whether a request's output follows a grammar (structured outputs; ``guided_decoding`` before
+    vLLM 0.11). vLLM masks such logits with the grammar before logits processors run: the refusal
+    probabilities would be read from masked logits, and the token forced (a control token) is one the
+    grammar forbids. Such requests are not decided; their control tokens stay masked."""
+    return getattr(params, "structured_outputs", None) is not None or \
+        getattr(params, "guided_decoding", None) is not None
+
+
 def _check_index(name: str, index) -> None:
     # A negative row would index the logits from the end in apply, long after the bad update.
     if isinstance(index, bool) or not isinstance(index, int) or index < 0:

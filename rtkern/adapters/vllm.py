@@ -54,6 +54,11 @@ category name (or index) to number; categories left out keep the processor's def
 ``refusal_mode`` is ``"category"``, ``"sum"`` or ``"free"``. The decision is visible in the output as
 the first token (the refusal token of the chosen category, or ``[respond]``); the probabilities are
 the first token's raw log-probabilities (``logprobs`` with ``logprobs_mode="raw_logprobs"``).
+
+Structured outputs (JSON mode, regex, grammar) are not refusal-controlled: vLLM applies the grammar's
+mask before logits processors run, so the probabilities would be read from masked logits and the forced
+control token would be one the grammar forbids. Those requests keep the grammar's choice of first token;
+their control tokens stay masked.
 """
 from __future__ import annotations
 
@@ -65,8 +70,8 @@ import torch
 from ..spec import MODES, RefusalSpec, SampleOutput
 from ._common import PerCategory, optional_base, thresholds_and_mode
 from ._requests import EXTRA_ARGS, check_logits, refuse_rows, request_controls
-from ._vllm_common import (_Defaults, _check_index, _spec_from_vllm_config,
-                           checked_defaults, controls_or_defaults)
+from ._vllm_common import (_Defaults, _check_index, _spec_from_vllm_config, checked_defaults, constrained,
+                           controls_or_defaults)
 from .vllm_v2 import HAVE_VLLM_V2, RefusalLogitsProcessorV2, RefusalSlotState
 
 _VLLMBase, _VLLM_IMPORT_ERROR = optional_base("vllm.v1.sample.logits_processor", "LogitsProcessor")
@@ -134,7 +139,7 @@ class RefusalBatchState:
             return
         thr, bias, mode = controls_or_defaults(self.spec, params, self.defaults, f"row {index}")
         self.requests[index] = _Request(thr, bias, mode, output_ids)
-        if len(output_ids) == 0:
+        if len(output_ids) == 0 and not constrained(params):
             self._waiting.add(index)
 
     def remove(self, index: int) -> None:

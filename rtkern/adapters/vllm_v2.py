@@ -18,7 +18,8 @@ tested against both releases' own loader, parameter validator and ``LogitsContex
 A row samples its request's first output token when ``pos + 1 == prompt_len[slot]``: earlier chunks
 of a chunked prefill sit below that, and a request resumed after preemption sits above it. Those rows
 get the refusal decision, every other row the control tokens masked, all in one `apply_refusal_` call
-whose per-row controls are gathered on the device: no host sync in ``apply``.
+whose per-row controls are gathered on the device: no host sync in ``apply``. Requests with structured
+outputs are never decided (see `rtkern.adapters.vllm`).
 
 Registering: ``--logits-processors rtkern.adapters.vllm:RefusalLogitsProcessorV2``, or
 ``make_logits_processor(spec, ..., runner="v2")`` for the offline ``LLM``; per-request arguments as
@@ -34,7 +35,8 @@ from ..sampler import apply_refusal_
 from ..spec import RefusalSpec, SampleOutput
 from ._common import PerCategory, optional_base
 from ._requests import _KERNEL_DTYPES, check_logits, decision_controls, request_controls
-from ._vllm_common import _Defaults, _check_index, _spec_from_vllm_config, checked_defaults, controls_or_defaults
+from ._vllm_common import (_Defaults, _check_index, _spec_from_vllm_config, checked_defaults, constrained,
+                           controls_or_defaults)
 
 _V2Base, _V2_IMPORT_ERROR = optional_base("vllm.v1.worker.gpu.sample.logits_processor", "LogitsProcessor")
 HAVE_VLLM_V2 = _V2_IMPORT_ERROR is None
@@ -74,6 +76,7 @@ class RefusalSlotState:
         self.thresholds = torch.zeros(num_slots, C, dtype=torch.float32, device=self.device)
         self.logit_bias = torch.zeros(num_slots, C, dtype=torch.float32, device=self.device)
         self.mode = torch.zeros(num_slots, dtype=torch.int32, device=self.device)
+        self.decides = torch.ones(num_slots, dtype=torch.bool, device=self.device)
         self._staged: dict[int, tuple] = {}
         self.last_output: Optional[SampleOutput] = None
 
@@ -82,7 +85,8 @@ class RefusalSlotState:
         _check_index("slot", slot)
         if slot >= self.mode.shape[0]:
             raise ValueError(f"slot must be < num_slots={self.mode.shape[0]}, got {slot}")
-        self._staged[slot] = controls_or_defaults(self.spec, params, self.defaults, f"slot {slot}")
+        self._staged[slot] = (*controls_or_defaults(self.spec, params, self.defaults, f"slot {slot}"),
+                              not constrained(params))
         return True  # every request may be masked: control tokens never follow the first position
 
     def flush(self) -> None:
@@ -90,12 +94,13 @@ class RefusalSlotState:
         if not self._staged:
             return
         slots = torch.tensor(list(self._staged), dtype=torch.int64)
-        thr, bias, mode = zip(*self._staged.values())
+        thr, bias, mode, decides = zip(*self._staged.values())
         self._staged.clear()
         idx = slots.to(self.device)
         self.thresholds[idx] = torch.tensor(thr, dtype=torch.float32).to(self.device)
         self.logit_bias[idx] = torch.tensor(bias, dtype=torch.float32).to(self.device)
         self.mode[idx] = torch.tensor(mode, dtype=torch.int32).to(self.device)
+        self.decides[idx] = torch.tensor(decides, dtype=torch.bool).to(self.device)
 
     def apply(self, logits: torch.Tensor, slots: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
         """Refusal decision on the ``first`` rows, control tokens masked on the others.
@@ -116,7 +121,7 @@ class RefusalSlotState:
         self.flush()
         slots = slots.to(self.device, torch.int64)
         ctl = decision_controls(self.thresholds[slots], self.logit_bias[slots], self.mode[slots],
-                                first.to(self.device, torch.bool))
+                                first.to(self.device, torch.bool) & self.decides[slots])
         work = logits if logits.dtype in _KERNEL_DTYPES and logits.is_contiguous() else logits.float().contiguous()
         self.last_output = apply_refusal_(work, self.spec, ctl, backend=self.backend)
         if work is not logits:
