@@ -1,10 +1,12 @@
-"""What the vLLM adapters for both model runners share: defaults, argument checks, the spec lookup."""
+"""What the vLLM adapters for both model runners share: defaults, argument checks, the spec lookup, host copies."""
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
+
+import torch
 
 from ..spec import CATEGORIES, RefusalSpec
 from ._common import PerCategory, thresholds_and_mode
@@ -41,6 +43,15 @@ def controls_or_defaults(spec: RefusalSpec, params, defaults: dict, where: str) 
         log.warning("rtkern refusal processor: ignoring bad refusal arguments of %s (%s); using the defaults",
                     where, e)
         return request_controls(spec, None, **defaults)
+
+
+def host_to_device(values, dtype: torch.dtype, device, pin: bool) -> torch.Tensor:
+    """Host values as a tensor on ``device``; pinned and non-blocking to CUDA when ``pin``, so the copy
+    does not wait for the work already queued on the stream."""
+    t = torch.tensor(values, dtype=dtype)
+    if pin and torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def constrained(params) -> bool:

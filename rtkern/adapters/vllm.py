@@ -71,7 +71,7 @@ from ..spec import MODES, RefusalSpec, SampleOutput
 from ._common import PerCategory, optional_base, thresholds_and_mode
 from ._requests import EXTRA_ARGS, check_logits, refuse_rows, request_controls
 from ._vllm_common import (_Defaults, _check_index, _spec_from_vllm_config, checked_defaults, constrained,
-                           controls_or_defaults)
+                           controls_or_defaults, host_to_device)
 from .vllm_v2 import HAVE_VLLM_V2, RefusalLogitsProcessorV2, RefusalSlotState
 
 _VLLMBase, _VLLM_IMPORT_ERROR = optional_base("vllm.v1.sample.logits_processor", "LogitsProcessor")
@@ -195,10 +195,7 @@ class RefusalBatchState:
         return logits
 
     def _to_device(self, values: list, dtype: torch.dtype, device) -> torch.Tensor:
-        t = torch.tensor(values, dtype=dtype)
-        if self.pin_memory and torch.device(device).type == "cuda":
-            return t.pin_memory().to(device, non_blocking=True)
-        return t.to(device)
+        return host_to_device(values, dtype, device, self.pin_memory)
 
 
 def _unpack_added(item) -> tuple[int, Any, Sequence[int]]:

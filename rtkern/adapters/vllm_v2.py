@@ -36,7 +36,7 @@ from ..spec import RefusalSpec, SampleOutput
 from ._common import PerCategory, optional_base
 from ._requests import _KERNEL_DTYPES, check_logits, decision_controls, request_controls
 from ._vllm_common import (_Defaults, _check_index, _spec_from_vllm_config, checked_defaults, constrained,
-                           controls_or_defaults)
+                           controls_or_defaults, host_to_device)
 
 _V2Base, _V2_IMPORT_ERROR = optional_base("vllm.v1.worker.gpu.sample.logits_processor", "LogitsProcessor")
 HAVE_VLLM_V2 = _V2_IMPORT_ERROR is None
@@ -93,14 +93,14 @@ class RefusalSlotState:
         """Write the staged controls to the device (one copy per tensor)."""
         if not self._staged:
             return
-        slots = torch.tensor(list(self._staged), dtype=torch.int64)
         thr, bias, mode, decides = zip(*self._staged.values())
+        pin = self.device.type == "cuda"  # vLLM's own staged writes are pinned and non-blocking too
+        idx = host_to_device(list(self._staged), torch.int64, self.device, pin)
         self._staged.clear()
-        idx = slots.to(self.device)
-        self.thresholds[idx] = torch.tensor(thr, dtype=torch.float32).to(self.device)
-        self.logit_bias[idx] = torch.tensor(bias, dtype=torch.float32).to(self.device)
-        self.mode[idx] = torch.tensor(mode, dtype=torch.int32).to(self.device)
-        self.decides[idx] = torch.tensor(decides, dtype=torch.bool).to(self.device)
+        self.thresholds[idx] = host_to_device(thr, torch.float32, self.device, pin)
+        self.logit_bias[idx] = host_to_device(bias, torch.float32, self.device, pin)
+        self.mode[idx] = host_to_device(mode, torch.int32, self.device, pin)
+        self.decides[idx] = host_to_device(decides, torch.bool, self.device, pin)
 
     def apply(self, logits: torch.Tensor, slots: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
         """Refusal decision on the ``first`` rows, control tokens masked on the others.
