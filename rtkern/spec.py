@@ -212,7 +212,7 @@ def _tensor(name: str, value, dtype) -> torch.Tensor:
 
 def _per_row(name, value, batch, dtype, device) -> torch.Tensor:
     if dtype == torch.bool:  # a flag: 0/1 or bools, never another number read as True
-        t = _as_tensor(name, value, torch.int64, device) if not _is_bool(value) else _as_tensor(name, value, dtype, device)
+        t = _as_tensor(name, value, dtype if _is_bool(value) else torch.int64, device)
         if t.dtype != torch.bool and ((t != 0) & (t != 1)).any():
             raise ValueError(f"{name} must be bools or 0/1, got {t.flatten()[:8].tolist()}")
         t = t.to(torch.bool)

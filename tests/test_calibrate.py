@@ -18,9 +18,9 @@ from rtkern.calibrate import (OFF, Choice, auroc, binary_metrics, choose_best_f1
                               threshold_for_best_f1, threshold_for_max_rate, threshold_for_rate)
 from rtkern.calibrate_data import LabelledPrompts, coconot_is_test, even_subset, load_labelled
 from rtkern.calibrate_report import Analysis, build_report
-from rtkern.spec import CATEGORIES, RESPOND_TOKEN, RefusalSpec, control_token_strings
+from rtkern.spec import CATEGORIES, RefusalSpec, control_token_strings
 from rtkern.thresholds import FORMAT, load_thresholds, save_thresholds, thresholds_tensor
-from tiny import save_scoring_model, save_tokenizer, write_labelled_jsonl
+from tiny import save_scoring_model, write_labelled_jsonl
 
 transformers = pytest.importorskip("transformers")
 
