@@ -164,9 +164,10 @@ def _hf(model, spec, prompts, static: bool):
 
     def run(n: int):
         proc.reset()
-        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                    do_sample=True, temperature=1.0, top_k=0, top_p=1.0, logits_processor=[proc],
-                    pad_token_id=0, **kw)
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=True, temperature=1.0, top_k=0, top_p=1.0, logits_processor=[proc],
+                          pad_token_id=0, **kw)
+        out.cpu()  # host values, as every method returns: a generate that never syncs is still timed whole
     return run
 
 
@@ -185,7 +186,10 @@ def _gpt_fast(model, spec, prompts, max_new: int):
     def decode(tok, pos):
         return sample(model(tok[:, None], pos[:, None])[:, -1])
 
-    step = torch.compile(decode, mode="reduce-overhead", fullgraph=True)
+    # One static shape per compile, as gpt-fast runs: without the reset, the next batch size's recompile
+    # would turn the shared code object dynamic in the batch dimension.
+    torch._dynamo.reset()
+    step = torch.compile(decode, mode="reduce-overhead", fullgraph=True, dynamic=False)
     ids = torch.tensor(prompts, device=dev)
 
     model.setup_cache(B, -(-(T + max_new) // 256) * 256)  # once: new cache tensors would recompile
@@ -232,7 +236,10 @@ def bench_point(model, tok, spec, name: str, dtype: str, batch: int, method: str
     try:
         run = build(method, model, tok, spec, prompts, new)
         run(new)  # warm-up: graph capture, compilation, autotuning, caches sized for `new`
-        t1s, tns = _times_s(lambda: run(1), reps), _times_s(lambda: run(new), reps)
+        t1s, tns = [], []
+        for _ in range(reps):  # alternating: drift (clocks, a busy machine) falls on both lengths alike
+            t1s += _times_s(lambda: run(1), 1)
+            tns += _times_s(lambda: run(new), 1)
     except Unavailable as e:
         row.status, row.error = "skipped", str(e)
         return row
@@ -245,9 +252,9 @@ def bench_point(model, tok, spec, name: str, dtype: str, batch: int, method: str
         row.warning = "t(new) <= t(1): the decode steps are lost in timing noise"
     step = (tn - t1) / (new - 1)
     nbytes = step_bytes(model, batch, prompt + new // 2)
-    row.ms_per_step, row.first_token_ms, row.floor_ms = step * 1e3, t1 * 1e3, nbytes / bandwidth * 1e3
-    if step:  # t(new) == t(1) to the tick (flagged above): no rate to report
-        row.tok_s, row.gbps = batch / step, nbytes / step / 1e9
+    row.first_token_ms, row.floor_ms = t1 * 1e3, nbytes / bandwidth * 1e3
+    if step > 0:  # else flagged above: no step time or rate to report (the raw times stay in t1_ms/tn_ms)
+        row.ms_per_step, row.tok_s, row.gbps = step * 1e3, batch / step, nbytes / step / 1e9
         row.pct_bw = 100 * row.gbps * 1e9 / bandwidth
     return row
 
@@ -341,7 +348,9 @@ def run(models: Sequence[str], batches: Sequence[int], methods: Sequence[str], d
 
 
 def _save(out_dir: Path, meta: dict, rows: Sequence[Row]) -> None:
+    # After every point, the PNG too: a run stopped by a call's time limit keeps all three outputs.
     (out_dir / "decode.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+    plot(rows, out_dir / "decode.png")
     bw = f"{meta['bandwidth'] / 1e12:.2f} TB/s ({meta['bandwidth_source']})"
     (out_dir / "decode.md").write_text(f"bandwidth {bw}\n\n```\n{format_table(rows)}\n```\n")
 
@@ -360,7 +369,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="new tokens per request, at least 2: ms/step is a difference of two lengths "
                         "(default 256; CPU 16)")
     p.add_argument("--reps", type=int_at_least(1), default=None,
-                   help="timed runs per point (median; default 5, CPU 2)")
+                   help="timed runs per point (median; default 5, CPU 3)")
     p.add_argument("--baseline-reps", type=int_at_least(1), default=None,
                    help="timed runs per point of the transformers baselines (default: --reps, at most 3)")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
@@ -376,7 +385,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     cuda = torch.device(args.device).type == "cuda"
     models = args.model or (["smollm2-135m-instruct", "llama3-8b-random"] if cuda else ["smollm2-135m-instruct"])
     new = (256 if cuda else 16) if args.new is None else args.new
-    reps = (5 if cuda else 2) if args.reps is None else args.reps
+    reps = (5 if cuda else 3) if args.reps is None else args.reps
     batches = ([1, 8, 32] if cuda else [1, 8]) if args.batch is None else args.batch
     if new < 2 or reps < 1 or min(batches, default=0) < 1:   # the parser checks these; run_from_args may get a Namespace
         raise SystemExit("--new must be at least 2 (ms/step is a difference of two lengths), --reps and "

@@ -6,7 +6,7 @@
 #   bash bench/gpu.sh /tmp/m/smollm2.gguf decode-8b         # the main job, Llama-3-8B shape (~7 min)
 #   bash bench/gpu.sh /tmp/m/smollm2.gguf kernels score train
 # Parts: targets, tests (GPU pytest), sampler, kernels, score, train, decode-small, decode-8b (default: all
-# but targets; several 10-min calls). `targets` measures B=1 bf16 on random weights of the SmolLM2-135M and
+# but targets, and score and decode-small only with a GGUF; several 10-min calls). `targets` measures B=1 bf16 on random weights of the SmolLM2-135M and
 # Llama-3-8B shapes (the issue's gpt-fast baselines use random weights too), so it needs no carried GGUF:
 # with 15 device-minutes a session it is the one call to make if there is time for one. The decode parts
 # rewrite their JSON/table after every point and stop starting points after --time-budget, so a call's
@@ -16,7 +16,8 @@
 set -uo pipefail
 GGUF=
 case ${1:-} in *.gguf) GGUF=$1; shift ;; esac
-PARTS=${*:-tests sampler kernels score train decode-small decode-8b}
+# Without a GGUF the default leaves out the parts that need it (score, decode-small).
+PARTS=${*:-tests sampler kernels $([ -n "$GGUF" ] && echo score) train $([ -n "$GGUF" ] && echo decode-small) decode-8b}
 needs_gguf() { [ -n "$GGUF" ] || { echo "part $1 needs the SmolLM2 GGUF as the first argument" >&2; exit 2; }; }
 OUT=${OUT:-results/gpu}
 mkdir -p "$OUT"

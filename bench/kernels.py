@@ -127,7 +127,7 @@ def make_op(op: str, args: ModelArgs, B: int, dtype, device) -> tuple[dict[str, 
         table = rope_table(inv, CONTEXT)
         return {"torch": lambda: _torch_rope_cache(qkv, pos, inv, k_cache, v_cache, H, n_kv),
                 "triton": lambda: rope_cache_update(qkv, pos, table, k_cache, v_cache, H, n_kv)}, \
-            2 * B * (H + 2 * n_kv) * Dh * elt + B * (H + n_kv) * Dh * 4
+            2 * B * (H + 2 * n_kv) * Dh * elt + B * Dh * 4   # one float32 table row per batch row
     if op == "norm_qkv_rope":
         x, nw, inv = rnd(B, D), rnd(D), rope_inv_freq(args).to(device)
         w, table = rnd((H + 2 * n_kv) * Dh, D) * D ** -0.5, rope_table(inv, CONTEXT)
@@ -136,7 +136,7 @@ def make_op(op: str, args: ModelArgs, B: int, dtype, device) -> tuple[dict[str, 
         return {"torch": torch_fn, "triton": lambda: qkv_rope(x, w, pos, table, k_cache, v_cache, H, n_kv,
                                                               norm_weight=nw),
                 "cublas": lambda: torch.nn.functional.linear(x, w)}, \
-            (w.numel() + B * D + D + B * (H + 2 * n_kv) * Dh) * elt + B * (H + n_kv) * Dh * 4
+            (w.numel() + B * D + D + B * (H + 2 * n_kv) * Dh) * elt + B * Dh * 4
     if op == "attention_o_residual":
         q, w, r = rnd(B, H, Dh), rnd(D, H * Dh) * (H * Dh) ** -0.5, rnd(B, D)
         torch_fn = lambda: r + torch.nn.functional.linear(  # noqa: E731

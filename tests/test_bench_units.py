@@ -69,9 +69,11 @@ def fake_point(monkeypatch, t1s, tns, *, batch=2, prompt=8, new=5, bandwidth=1e9
         seen["prompts"] = prompts
         return calls.append
 
+    left = {1: list(t1s), new: list(tns)}
+
     def fake_times(fn, reps):
         fn()
-        return list(t1s if calls[-1] == 1 else tns)
+        return [left[calls[-1]].pop(0) for _ in range(reps)]
     monkeypatch.setattr(decode, "build", build or fake_build)
     monkeypatch.setattr(decode, "_times_s", fake_times)
     spec = RefusalSpec([10, 11, 12, 13, 14], respond_id=15)   # low ids: prompts must stay below 10
@@ -82,7 +84,7 @@ def fake_point(monkeypatch, t1s, tns, *, batch=2, prompt=8, new=5, bandwidth=1e9
 
 def test_bench_point_derived_numbers(monkeypatch):
     row, calls, prompts = fake_point(monkeypatch, [0.010, 0.030, 0.012], [0.050, 0.052, 0.090])
-    assert calls == [5, 1, 5]     # warm-up with `new` tokens, then the 1-token and the new-token calls
+    assert calls == [5, 1, 5, 1, 5, 1, 5]  # warm-up with `new` tokens, then 1-token and new-token calls in turn
     assert len(prompts) == 2 and all(len(p) == 8 and max(p) < 10 for p in prompts)  # no control ids
     # medians (not means): t1 = 12 ms, tn = 52 ms; 5 new tokens are 4 decode steps -> 10 ms per step
     assert row.status == "ok" and row.warning is None
@@ -98,12 +100,14 @@ def test_bench_point_derived_numbers(monkeypatch):
 def test_bench_point_flags_a_step_lost_in_noise(monkeypatch):
     row, _, _ = fake_point(monkeypatch, [0.020], [0.015])
     assert row.status == "ok" and row.warning.startswith("t(new) <= t(1)")
-    assert row.ms_per_step == pytest.approx(-1.25)                 # reported as measured, flagged
+    # no negative step time or rates in the table, JSON or plot; the raw times stay
+    assert row.ms_per_step is None and row.tok_s is None and row.gbps is None and row.pct_bw is None
+    assert row.t1_ms == [20.0] and row.tn_ms == [15.0]
     # equal medians: flagged too, and no division by the zero step (used to raise ZeroDivisionError
     # outside the point's try, ending the whole run)
     row, _, _ = fake_point(monkeypatch, [0.020], [0.020])
     assert row.status == "ok" and row.warning.startswith("t(new) <= t(1)")
-    assert row.ms_per_step == 0 and row.tok_s is None and row.gbps is None and row.pct_bw is None
+    assert row.ms_per_step is None and row.tok_s is None and row.gbps is None and row.pct_bw is None
     assert row.floor_ms == pytest.approx(0.3392)
 
 
@@ -169,7 +173,7 @@ def test_decode_cli_defaults(monkeypatch):
         models=models, methods=methods, **kw))
     assert cli.main(["bench", "decode", "--device", "cpu"]) == 0
     assert got["models"] == ["smollm2-135m-instruct"] and got["methods"] == ("rtkern", "hf-dynamic", "hf-static")
-    assert (got["baseline_reps"], got["bandwidth"], got["time_budget"]) == (2, None, None)
+    assert (got["baseline_reps"], got["bandwidth"], got["time_budget"]) == (3, None, None)
     assert cli.main(["bench", "decode", "--device", "cpu", "--reps", "7"]) == 0
     assert got["baseline_reps"] == 3                                 # --reps, at most 3
     assert cli.main(["bench", "decode", "--device", "cpu", "--reps", "7", "--baseline-reps", "4",

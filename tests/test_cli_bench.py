@@ -178,7 +178,7 @@ def test_bench_decode_explicit_counts_are_used(monkeypatch):
     assert cli.main(["bench", "decode", "--device", "cpu", "--new", "3", "--reps", "1", "--batch", "2"]) == 0
     assert (got["new"], got["reps"], got["batches"]) == (3, 1, [2])
     assert cli.main(["bench", "decode", "--device", "cpu"]) == 0          # CPU defaults
-    assert (got["new"], got["reps"], got["batches"]) == (16, 2, [1, 8])
+    assert (got["new"], got["reps"], got["batches"]) == (16, 3, [1, 8])
 
 
 def test_group_without_a_command_prints_its_own_help(capsys):
