@@ -6,8 +6,9 @@
 #   bash bench/gpu.sh /tmp/m/smollm2.gguf decode-8b         # the main job, Llama-3-8B shape (~7 min)
 #   bash bench/gpu.sh /tmp/m/smollm2.gguf kernels score train
 # Parts: targets, tests (GPU pytest), sampler, kernels, score, train, decode-small, decode-8b (default: all
-# but targets, and score and decode-small only with a GGUF; several 10-min calls). `targets` measures B=1 bf16 on random weights of the SmolLM2-135M and
-# Llama-3-8B shapes (the gpt-fast baselines use random weights too), so it needs no carried GGUF:
+# but targets, and score and decode-small only with a GGUF; several 10-min calls). `targets` measures B=1
+# bf16 on random weights of the SmolLM2-135M and Llama-3-8B shapes (the gpt-fast baselines use
+# random weights too), so it needs no carried GGUF:
 # with 15 device-minutes a session it is the one call to make if there is time for one. The decode parts
 # rewrite their JSON/table after every point and stop starting points after --time-budget, so a call's
 # limit never costs what was measured.

@@ -353,8 +353,8 @@ KERNEL_BYTES = {
     "swiglu": 3 * 2 * 96 * 2,                                         # gate+up in, product out
     "decode_attention": (2 * 2 * 2 * 384 * 16 + 2 * 2 * 4 * 16) * 2,  # K + V, q in + out
     "attention_o_residual": (2 * 2 * 2 * 384 * 16 + 2 * 4 * 16 + 64 * 64 + 2 * 2 * 64) * 2,
-    "rope_cache": 2 * 2 * 8 * 16 * 2 + 2 * 6 * 16 * 4,                 # qkv in, q/k/v out; cos+sin per head
-    "norm_qkv_rope": (128 * 64 + 2 * 64 + 64 + 2 * 128) * 2 + 2 * 6 * 16 * 4,
+    "rope_cache": 2 * 2 * 8 * 16 * 2 + 2 * 16 * 4,                 # qkv in, q/k/v out; one cos+sin row per batch row
+    "norm_qkv_rope": (128 * 64 + 2 * 64 + 64 + 2 * 128) * 2 + 2 * 16 * 4,
 }
 
 
