@@ -99,9 +99,12 @@ def round_to(x, DTYPE: tl.constexpr):
     # Round to nearest even like torch. Compiled GPU code does so already, but Triton's CPU interpreter
     # truncates float32 -> bfloat16, which would make CPU tests disagree with torch by an ulp; rounding
     # the bits first makes the final conversion exact on both.
+    # A NaN keeps its bits: the carry of a NaN with low mantissa bits set (the GPU's 0x7FFFFFFF from 0/0 or
+    # inf * 0) would run into the sign and turn it into -0.0, a finite value nothing downstream flags.
     if DTYPE == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        xf = x.to(tl.float32)
+        bits = xf.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True).to(DTYPE)
+        return tl.where(xf != xf, xf, bits.to(tl.float32, bitcast=True)).to(DTYPE)
     else:
         return x.to(DTYPE)

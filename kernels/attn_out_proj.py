@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_tensors, round_to
+from ._common import check_disjoint, check_tensors, round_to
 from .fused_linear import gemm_config, tile_dot
 
 
@@ -77,13 +77,17 @@ def attention_out_proj(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, weig
                          f"Dh > 0), got {[(tuple(t.shape), t.dtype) for t in (m, l, acc)]}")
     M, H, splits, Dh = acc.shape
     if residual.dim() != 2 or residual.shape[0] != M or residual.shape[1] == 0 \
-            or residual.dtype not in (torch.float32, torch.bfloat16, torch.float16) or residual.stride(1) != 1:
-        raise ValueError(f"residual must be a [{M}, N] float tensor with a contiguous last dimension, got "
-                         f"{tuple(residual.shape)} {residual.dtype}")
+            or residual.dtype not in (torch.float32, torch.bfloat16, torch.float16) or residual.stride(1) != 1 \
+            or (M > 1 and residual.stride(0) < residual.shape[1]):
+        raise ValueError(f"residual must be a [{M}, N] float tensor with a contiguous last dimension and rows that "
+                         f"do not overlap, got {tuple(residual.shape)} {residual.dtype} with strides "
+                         f"{residual.stride() if residual.dim() else ()}")
     if weight.shape != (residual.shape[1], H * Dh) \
             or weight.dtype != residual.dtype or not weight.is_contiguous():
         raise ValueError(f"weight must be a contiguous [{residual.shape[1]}, {H * Dh}] {residual.dtype} tensor, "
                          f"got {tuple(weight.shape)} {weight.dtype}")
+    # residual is written tile by tile while the others are read: no shared memory
+    check_disjoint(m=m, l=l, acc=acc, weight=weight, residual=residual)
     if M == 0:
         return residual
     N = weight.shape[0]

@@ -158,6 +158,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     check_tensors(x=x, weight=weight)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (the normalized one), got a 0-d tensor")
+    if x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last (normalized) dimension, got shape {tuple(x.shape)}")
     return RMSNormFunction.apply(x, weight, eps)
 
 

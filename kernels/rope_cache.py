@@ -71,8 +71,11 @@ def rope_cache_update(qkv: torch.Tensor, pos: torch.Tensor, table: torch.Tensor,
     if qkv.dim() != 2 or qkv.stride(-1) != 1:
         raise ValueError(f"qkv must be 2-D [B, (H + 2*Hkv) * Dh] with a contiguous last dim, got "
                          f"{tuple(qkv.shape)}")
-    B, Dh = qkv.shape[0], table.shape[-1]
+    B = qkv.shape[0]
     check_rope_cache(qkv.shape[1], B, pos, table, k_cache, v_cache, n_heads, n_kv_heads, qkv.dtype)
+    Dh = table.shape[-1]
+    check_disjoint(qkv=qkv, table=table, k_cache=k_cache)  # q is rotated in place while k/v are written
+    check_disjoint(qkv=qkv, v_cache=v_cache)
     half = Dh // 2
     _rope_cache_kernel[(B, n_heads + n_kv_heads)](
         qkv, qkv.stride(0), pos, table, k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),

@@ -120,4 +120,6 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
                          f"{getattr(gate, 'shape', gate)} {getattr(gate, 'dtype', '')} and "
                          f"{getattr(up, 'shape', up)} {getattr(up, 'dtype', '')}")
     _check_float("gate", gate)
+    if gate.numel() == 0:  # nothing to launch; the torch ops keep the (empty) autograd graph
+        return swiglu_reference(torch.cat((gate, up), -1))
     return SiluMulFunction.apply(gate, up)

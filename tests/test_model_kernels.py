@@ -401,6 +401,34 @@ def test_bad_inputs_raise_before_launch():
     _bad(lambda: rope_cache_update(qkv, pos, table, k, k, 4, 2), ValueError, "k_cache and v_cache overlap in memory")
     _bad(lambda: rope_cache_update(qkv, pos, table, k, k.clone(), 4.0, 2), ValueError, "n_heads must be a positive int")
     _bad(lambda: rope_cache_update(qkv, pos, table, k, k.clone(), -4, 6), ValueError, "n_heads must be a positive int")
+    _bad(lambda: rope_cache_update(qkv, pos, torch.tensor(1.0, **f32), k, k.clone(), 4, 2), ValueError, "table")
+    kv = torch.randn(2, 2, 32, 16, **f32)   # qkv written in place inside the cache it fills
+    _bad(lambda: rope_cache_update(kv.view(2, -1)[:, :128], pos, table, kv, k.clone(), 4, 2), ValueError,
+         "qkv and k_cache overlap in memory")
+    from rtkern.kernels.rmsnorm import rms_norm
+    from rtkern.kernels.swiglu import silu_mul
+    _bad(lambda: rms_norm(torch.randn(3, 0, **f32), torch.ones(0, **f32), 1e-5), ValueError, "non-empty last")
+    g = torch.randn(3, 0, **f32, requires_grad=True)
+    assert silu_mul(g, torch.randn(3, 0, **f32)).shape == (3, 0)  # valid, as swiglu of [3, 0] is
+    # attention_out_proj updates residual in place: its rows must not overlap, nor share the weight's memory
+    m, l, acc = torch.zeros(3, 2, 1, **f32), torch.ones(3, 2, 1, **f32), torch.randn(3, 2, 1, 4, **f32)
+    wo = torch.randn(5, 8, **f32)
+    _bad(lambda: attention_out_proj(m, l, acc, wo, torch.zeros(1, 5, **f32).expand(3, 5)), ValueError,
+         "rows that do not overlap")
+    _bad(lambda: attention_out_proj(m, l, acc, wo, wo.view(-1)[:15].view(3, 5)), ValueError,
+         "weight and residual overlap in memory")
+
+
+def test_bf16_rounding_keeps_every_nan():
+    # The GPU's NaN from 0/0 or inf * 0 is 0x7FFFFFFF: rounding its bits to bf16 carried into the sign and
+    # stored -0.0, so a NaN made inside a kernel came out finite (the interpreter's own NaN is 0x7FC00000).
+    m, l = torch.zeros(1, 2, 1, device=DEVICE), torch.ones(1, 2, 1, device=DEVICE)
+    for bits in (0x7FFFFFFF, -1, 0x7FC00001):
+        acc = torch.randn(1, 2, 1, 4, device=DEVICE)
+        acc.view(torch.int32)[0, 0, 0, 0] = bits
+        out = attention_out_proj(m, l, acc, torch.ones(3, 8, dtype=torch.bfloat16, device=DEVICE),
+                                 torch.zeros(1, 3, dtype=torch.bfloat16, device=DEVICE))
+        assert torch.isnan(out).all(), hex(bits & 0xFFFFFFFF)
 
 
 def test_fused_linear_rejects_a_residual_that_is_its_input():
