@@ -85,14 +85,15 @@ def decisions(probs, thresholds, mode: str = "category") -> np.ndarray:
 def refusal_score(probs, mode: str = "category") -> np.ndarray:
     """The scalar that a single threshold t shared by all categories compares with.
 
-    ``category`` mode refuses iff max_c p_c >= t; ``sum`` mode iff sum_c p_c >= t. Returns float32 [N].
+    ``category`` mode refuses iff max_c p_c >= t; ``sum`` mode iff min(sum_c p_c, 1) >= t (rounding can
+    take the sum past 1). Returns float32 [N].
     """
     p = _probs(probs)
     _check_mode(mode)
     if mode == "category":
         return p.max(axis=1)
-    # torch's float32 sum, as in the reference `decide`, so a threshold picked here decides the same.
-    return torch.from_numpy(np.ascontiguousarray(p)).sum(1).numpy()
+    # torch's float32 sum capped at 1, as in the reference `decide`, so a threshold picked here decides the same.
+    return torch.from_numpy(np.ascontiguousarray(p)).sum(1).clamp(max=1.0).numpy()
 
 
 def rates_by_group(refused, groups, num_groups: int) -> np.ndarray:

@@ -21,10 +21,13 @@ _SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "
 def safetensors_culprit(path) -> Optional[str]:
     """``"tensor 'name' ..."`` for the first tensor a safetensors file cannot hold, or None."""
     try:
+        size = os.path.getsize(path)
         with open(path, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size - 8:  # not a header length: nothing to name (and nothing to read into memory)
+                return None
             header = json.loads(fh.read(n))
-        data = os.path.getsize(path) - 8 - n
+        data = size - 8 - n
         entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
                          key=lambda kv: kv[1]["data_offsets"][0])
         for name, info in entries:

@@ -84,6 +84,11 @@ def test_rates_sweep_and_rate_curve_hand_computed():
     probs = np.array([[0.1, 0.6], [0.3, 0.2], [0.45, 0.45]], np.float32)
     np.testing.assert_allclose(refusal_score(probs, "category"), [0.6, 0.3, 0.45])
     np.testing.assert_allclose(refusal_score(probs, "sum"), [0.7, 0.5, 0.9], rtol=1e-6)
+    # a float32 sum past 1 is capped as the sampler caps it: the threshold picked for it still refuses
+    over = np.array([[0.5000001, 0.5000001], [0.2, 0.1]], np.float32)
+    assert refusal_score(over, "sum")[0] == 1.0
+    t = threshold_for_rate(refusal_score(over, "sum"), 0.5)
+    assert (decisions(over, np.full(2, t, np.float32), "sum") >= 0).tolist() == [True, False]
     rates = sweep(probs, [0, 1, 1], 2, [0.4, 0.5], "category")
     np.testing.assert_allclose(rates, [[1, 0.5, 2 / 3], [1, 0, 1 / 3]])
     with pytest.raises(ValueError, match=r"groups must lie"):

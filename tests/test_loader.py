@@ -145,6 +145,9 @@ def test_rejects_truncated_safetensors(saved):
     with pytest.raises(ValueError, match=re.escape(f"{f}: malformed or truncated safetensors file: ") +
                        r"tensor '[\w.]+' needs bytes"):
         load_model(saved, device="cpu")
+    f.write_bytes((1 << 60).to_bytes(8, "little") + data[8:100])  # a header length past the end of the file
+    with pytest.raises(ValueError, match=re.escape(f"{f}: malformed or truncated safetensors file: ")):
+        load_model(saved, device="cpu")
 
 
 def test_safetensors_header_that_disagrees_with_a_shape_names_the_tensor(saved):
